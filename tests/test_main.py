@@ -1,0 +1,300 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main_mnist
+from conftest import REPO
+from model import CompactNet, Net
+
+FAST = ["--batch-size", "16", "--test-batch-size", "16"]  # tiny_mnist: 4 training and 2 test batches per epoch
+
+
+def run_script(*args, **kwargs):
+    """main_mnist.py as a user runs it, in a subprocess; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "main_mnist.py"), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=300, **kwargs)
+
+
+def read_metrics(out_dir, drop=("seconds",)):
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """Runs on the CPU even where a GPU is: the same-seed and exact-resume promises are the CPU's (CUDA's
+    kernels may add in a different order from run to run)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(main_mnist, "pick_device", lambda: torch.device("cpu"))
+
+
+def exit_message(argv):
+    """Runs main() in this process and returns what it exits with (the error message, or a code)."""
+    with pytest.raises(SystemExit) as stop:
+        main_mnist.main(argv)
+    return stop.value.code
+
+
+# ---- Command line ----
+
+def test_help_lists_every_hyperparameter_with_its_default():
+    result = run_script("--help")
+    assert result.returncode == 0
+    for flag, default in [("--epochs", "20"), ("--batch-size", "512"), ("--lr", "0.01"), ("--momentum", "0.9"),
+                          ("--step-size", "15"), ("--gamma", "0.1"), ("--seed", "1"), ("--data-dir", "data"),
+                          ("--out-dir", "outputs"), ("--dry-run", None), ("--resume", None), ("--eval-only", None)]:
+        assert flag in result.stdout
+        if default is not None:
+            line = next(line for line in result.stdout.splitlines() if line.strip().startswith(flag))
+            following = result.stdout[result.stdout.index(line):].split("\n  --")[0]
+            assert f"(default: {default}" in following
+
+
+def test_flags_override_the_constants_and_the_rest_keep_them():
+    hp = main_mnist.hyperparameters(main_mnist.parse_args(["--epochs", "1", "--batch-size", "128", "--lr", "0.05",
+                                                           "--no-amp", "--out-dir", "elsewhere"]))
+    assert (hp["EPOCHS"], hp["BATCH_SIZE"], hp["LR"], hp["AMP"], hp["OUT_DIR"]) == (1, 128, 0.05, False, "elsewhere")
+    assert (hp["MOMENTUM"], hp["STEP_SIZE"], hp["GAMMA"], hp["SEED"]) == (0.9, 15, 0.1, main_mnist.SEED)
+    assert (hp["MODEL"], hp["SCHEDULE"], hp["DATA_DIR"]) == ("Net", "step", "data")
+
+
+def test_model_selects_its_recipe_and_flags_still_override_it():
+    compact = main_mnist.hyperparameters(main_mnist.parse_args(["--model", "CompactNet"]))
+    assert compact == {**main_mnist.hyperparameters(main_mnist.parse_args([])), **main_mnist.RECIPES["CompactNet"],
+                       "MODEL": "CompactNet"}
+    assert compact["EPOCHS"] <= 15 and compact["SCHEDULE"] == "onecycle"
+    overridden = main_mnist.hyperparameters(main_mnist.parse_args(["--model", "CompactNet", "--epochs", "3",
+                                                                   "--lr", "0.1"]))
+    assert (overridden["EPOCHS"], overridden["LR"], overridden["BATCH_SIZE"]) == (3, 0.1, compact["BATCH_SIZE"])
+
+
+def test_help_shows_both_recipes():
+    out = run_script("--help").stdout
+    assert "--model {Net,CompactNet}" in out
+    assert "(default: 20; CompactNet: 15)" in out and "(default: 0.01; CompactNet: 0.2)" in out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--epochs", "0"], "EPOCHS"),
+    (["--batch-size", "-4"], "BATCH_SIZE"),
+    (["--lr", "0"], "LR"),
+    (["--lr", "nan"], "LR"),
+    (["--momentum", "1.5"], "MOMENTUM"),
+    (["--gamma", "0"], "GAMMA"),
+])
+def test_out_of_range_hyperparameters_stop_before_any_work(argv, named, tmp_path):
+    message = exit_message(argv + ["--out-dir", str(tmp_path / "out")])
+    assert message.startswith("error: ") and named in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--epochs", "two"], "--epochs"),
+    (["--lr", "fast"], "--lr"),
+    (["--epoch", "3"], "--epoch"),
+    (["--model", "ResNet"], "--model"),
+])
+def test_non_numbers_and_unknown_flags_get_one_line_and_exit_code_2(argv, named):
+    result = run_script(*argv)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_output_folder_that_cannot_be_written_is_found_before_training(tiny_mnist, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    message = exit_message(["--data-dir", tiny_mnist, "--out-dir", str(blocker / "out")])
+    assert message.startswith("error: cannot write to the output folder") and str(blocker) in message
+
+
+# ---- Runs end to end ----
+
+def test_dry_run_end_to_end_on_real_mnist_writes_the_three_outputs(real_data_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_script("--epochs", "1", "--dry-run", "--data-dir", real_data_dir, "--out-dir", str(out_dir))
+    assert result.returncode == 0, result.stderr
+    assert "Total params: 593,200" in result.stdout and "Epoch 1/1" in result.stdout
+    assert "Train: 100%" in result.stderr  # the tqdm bar
+    rows = read_metrics(out_dir, drop=())
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+    assert len(rows) == 1 and 0 <= float(rows[0]["test_acc"]) <= 100
+    with open(out_dir / "accuracy_loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    Net().load_state_dict(torch.load(out_dir / "model.pt"))
+    for name in ("metrics.csv", "accuracy_loss.png", "model.pt"):
+        assert str(out_dir / name) in result.stdout  # the paths are printed at the end
+
+
+def test_same_seed_same_metrics(tiny_mnist, tmp_path, cpu_only):
+    for name in ("a", "b"):
+        main_mnist.main(["--data-dir", tiny_mnist, "--out-dir", str(tmp_path / name), "--epochs", "2", *FAST])
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mnist, tmp_path, cpu_only):
+    common = ["--data-dir", tiny_mnist, *FAST]
+    main_mnist.main(common + ["--out-dir", str(tmp_path / "whole"), "--epochs", "3"])
+    main_mnist.main(common + ["--out-dir", str(tmp_path / "split"), "--epochs", "1"])
+    main_mnist.main(["--resume", str(tmp_path / "split" / "checkpoint.pt"), "--epochs", "3"])
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    assert [row["epoch"] for row in split] == ["1", "2", "3"]
+    assert split == whole
+    checkpoint = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 3 and checkpoint["hyperparameters"]["MODEL"] == "Net"
+    assert set(checkpoint) >= {"model", "optimizer", "scheduler", "history", "rng"}
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(real_data_dir, tmp_path, stop_signal, cpu_only):
+    out_dir = tmp_path / "out"
+    common = ["--dry-run", "--data-dir", real_data_dir, *FAST]
+    process = subprocess.Popen([sys.executable, "main_mnist.py", *common, "--epochs", "1000", "--out-dir",
+                                str(out_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out_dir / "metrics.csv").exists() or len(read_metrics(out_dir)) < 2:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    resume_command = f"python3 main_mnist.py --resume {out_dir / 'checkpoint.pt'}"
+    assert resume_command in stderr
+    done = torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"]
+    assert len(read_metrics(out_dir)) == done >= 2
+
+    main_mnist.main(["--resume", str(out_dir / "checkpoint.pt"), "--epochs", str(done + 1)])
+    main_mnist.main(common + ["--epochs", str(done + 1), "--out-dir", str(tmp_path / "whole")])
+    assert read_metrics(out_dir) == read_metrics(tmp_path / "whole")
+
+
+def test_a_loss_that_blows_up_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path):
+    out_dir = tmp_path / "out"
+    message = exit_message(["--data-dir", tiny_mnist, "--out-dir", str(out_dir), *FAST, "--epochs", "50",
+                            "--lr", "1e6"])
+    assert message.startswith(("error: the training loss became", "error: the weights became"))
+    assert "lower --lr" in message
+    checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+    assert checkpoint["epoch"] == len(read_metrics(out_dir)) < 50
+    assert not (out_dir / "model.pt").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "no checkpoint at"),
+    (b"these are not the weights you are looking for", "is not a checkpoint this script can read"),
+    ("model.pt", "holds only model weights"),
+])
+def test_bad_resume_paths_get_a_clear_message(tmp_path, content, expected):
+    path = tmp_path / "checkpoint.pt"
+    if content == "model.pt":
+        torch.save(Net().state_dict(), path)
+    elif content is not None:
+        path.write_bytes(content)
+    message = exit_message(["--resume", str(path)])
+    assert message.startswith("error: ") and expected in message
+
+
+def test_resuming_a_checkpoint_as_another_model_is_refused(tiny_mnist, tmp_path):
+    main_mnist.main(["--data-dir", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "1", *FAST])
+    message = exit_message(["--resume", str(tmp_path / "checkpoint.pt"), "--model", "CompactNet"])
+    assert "belongs to a Net run" in message
+
+
+def test_compact_net_trains_with_its_one_cycle_recipe_and_prints_its_summary(tiny_mnist, tmp_path, capsys):
+    main_mnist.main(["--model", "CompactNet", "--data-dir", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "2",
+                     *FAST])
+    out = capsys.readouterr().out
+    assert "Total params: 6,232" in out and "Epoch 2/2" in out
+    rows = read_metrics(tmp_path)
+    assert float(rows[0]["lr"]) > float(rows[1]["lr"])  # one cycle: the lr comes back down by the end
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["hyperparameters"]["MODEL"] == "CompactNet"
+
+
+def test_a_fresh_run_does_not_overwrite_an_unfinished_one(tiny_mnist, tmp_path):
+    out_dir = str(tmp_path / "out")
+    process_args = ["--data-dir", tiny_mnist, "--out-dir", out_dir, *FAST]
+    main_mnist.main(process_args + ["--epochs", "1"])
+    checkpoint = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=True)
+    checkpoint["hyperparameters"]["EPOCHS"] = 5  # as if stopped after epoch 1 of 5
+    torch.save(checkpoint, os.path.join(out_dir, "checkpoint.pt"))
+    message = exit_message(process_args + ["--epochs", "5"])
+    assert "unfinished run" in message and "--resume" in message
+
+
+def test_a_damaged_data_file_stops_the_script_with_its_name(real_data_dir, tmp_path):
+    data_dir = tmp_path / "data"
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in os.listdir(os.path.join(real_data_dir, "MNIST", "raw")):
+        if name.endswith(".gz"):
+            (raw / name).write_bytes(open(os.path.join(real_data_dir, "MNIST", "raw", name), "rb").read())
+    damaged = raw / "train-labels-idx1-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    result = run_script("--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"), "--dry-run")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert str(damaged) in result.stderr and "damaged" in result.stderr
+
+
+def test_missing_data_and_no_network_stop_the_script_within_seconds(tmp_path, no_network):
+    started = time.monotonic()
+    message = exit_message(["--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out")])
+    assert time.monotonic() - started < 20
+    assert "could not be downloaded" in message and os.path.join(str(tmp_path / "empty"), "MNIST", "raw") in message
+
+
+# ---- Real data ----
+
+def test_one_epoch_of_net_on_real_mnist_reaches_97_percent(real_data_dir, tmp_path):
+    # Batch 64 takes 938 steps in the epoch, enough for Net to leave the plateau where it starts at lr 0.01.
+    main_mnist.main(["--data-dir", real_data_dir, "--out-dir", str(tmp_path), "--epochs", "1", "--batch-size", "64"])
+    assert float(read_metrics(tmp_path)[0]["test_acc"]) >= 97.0
+
+
+# ---- Evaluate only ----
+
+def test_eval_only_scores_a_saved_model_and_writes_the_diagnostics(tiny_mnist, tmp_path, capsys):
+    train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    main_mnist.main(["--data-dir", tiny_mnist, "--out-dir", str(train_dir), "--epochs", "1", *FAST])
+    trained = read_metrics(train_dir)[-1]["test_acc"]
+    capsys.readouterr()
+    for saved in ("model.pt", "checkpoint.pt"):
+        main_mnist.main(["--eval-only", "--checkpoint", str(train_dir / saved), "--data-dir", tiny_mnist,
+                         "--out-dir", str(eval_dir)])
+        out = capsys.readouterr().out
+        assert f"({float(trained):.2f}%)" in out  # the same accuracy as at the end of training
+        assert "Per-class test accuracy: 0:" in out
+    for name in ("misclassified.png", "confusion_matrix.png"):
+        with open(eval_dir / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not (eval_dir / "metrics.csv").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--eval-only"], "needs --checkpoint"),
+    (["--eval-only", "--checkpoint", "nowhere.pt"], "no model file at"),
+])
+def test_eval_only_without_a_usable_model_file_says_so(argv, expected):
+    assert expected in exit_message(argv)
+
+
+def test_eval_only_names_the_model_that_plain_weights_fit(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(CompactNet().state_dict(), path)
+    message = exit_message(["--eval-only", "--checkpoint", str(path)])
+    assert "does not hold weights of Net" in message and "--model CompactNet" in message
+
+
+def test_eval_only_refuses_weights_of_another_architecture(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"conv1.weight": torch.zeros(8, 1, 3, 3)}, path)
+    message = exit_message(["--eval-only", "--checkpoint", str(path)])
+    assert "does not hold weights of Net" in message

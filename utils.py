@@ -1,0 +1,381 @@
+"""Everything main_mnist.py calls: data, training and test passes, the model summary, figures and files."""
+import contextlib
+import copy
+import hashlib
+import io
+import math
+import os
+import socket
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torchsummary import summary
+from torchvision import datasets
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A problem the person running the script can fix (a damaged data file, a bad checkpoint, ...).
+
+    main_mnist.py prints its message alone, without a traceback, and exits with a non-zero code."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: MNIST decoded once into uint8 tensors on the device, batched, augmented and normalized there.
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of MNIST's training pixels in [0, 1]; the original's Normalize
+ROTATION_DEGREES = 15.0  # RandomRotation((-15., 15.), fill=0)
+CROP_P, CROP_SIZE = 0.1, 22  # RandomApply([CenterCrop(22)], p=0.1), then Resize((28, 28))
+DOWNLOAD_TIMEOUT_S = 15  # per connection: without one, a network that drops packets would hang the run for minutes
+
+# torchvision checks the MD5 of the four .gz files when it downloads them, but once they are decompressed it reads
+# the decompressed files without any check. These are the MD5s of those, so a damaged one is caught too.
+DECOMPRESSED_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+def mnist_raw_dir(data_dir):
+    """The folder where torchvision's MNIST keeps (and looks for) the four original files."""
+    return os.path.join(data_dir, "MNIST", "raw")
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_mnist_files(data_dir):
+    """Raises UserError naming any MNIST file in the data folder whose checksum is wrong (damaged or truncated).
+
+    Missing files are fine here: torchvision downloads them. A damaged one is never downloaded over silently."""
+    raw_dir = mnist_raw_dir(data_dir)
+    expected = dict(datasets.MNIST.resources)
+    expected.update(DECOMPRESSED_MD5)
+    for name, md5 in expected.items():
+        path = os.path.join(raw_dir, name)
+        if os.path.exists(path) and _md5(path) != md5:
+            raise UserError(
+                f"{path} is damaged (its MD5 is not {md5}). Delete it and run again to download it anew, "
+                f"or replace it with a good copy."
+            )
+
+
+def _offline_message(raw_dir, reason):
+    names = ", ".join(name for name, _ in datasets.MNIST.resources)
+    return (
+        f"MNIST is not in {raw_dir}/ and could not be downloaded ({reason}).\n"
+        f"Put the four files {names} in {raw_dir}/ and run again.\n"
+        f"They are at {datasets.MNIST.mirrors[0]} (torchvision's first mirror); no network is needed once they are there."
+    )
+
+
+def load_mnist(data_dir, train):
+    """(images, labels) of MNIST's training (60,000) or test (10,000) set: uint8 [N, 28, 28] and int64 [N].
+
+    Uses torchvision's MNIST, which downloads the four files into data_dir/MNIST/raw once (about 11 MB) and
+    touches no network when they are there. Damaged files stop it with UserError (check_mnist_files)."""
+    raw_dir = mnist_raw_dir(data_dir)
+    check_mnist_files(data_dir)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        # torchvision prints each mirror it tries; our message below says what matters.
+        with contextlib.redirect_stdout(io.StringIO()):
+            dataset = datasets.MNIST(data_dir, train=train, download=True)
+    except (RuntimeError, OSError) as error:
+        lines = str(error).strip().splitlines()
+        raise UserError(_offline_message(raw_dir, lines[-1] if lines else type(error).__name__)) from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return dataset.data, dataset.targets
+
+
+def augment(images, angles, crop):
+    """The original's training augmentation on a batch, each image with its own parameters.
+
+    images: float [B, 1, H, W] in [0, 1]; angles: [B] degrees, counter-clockwise as PIL's; crop: [B] bool.
+    Done as torchvision does it: the images with crop set are centre-cropped to 22 px and resized back (bilinear),
+    which is a zoom by 28/22 about the centre; then every image is rotated about its centre (nearest neighbour,
+    the corners filled with 0)."""
+    batch = images.shape[0]
+    theta = images.new_zeros(batch, 2, 3)  # maps output to input coordinates, both in [-1, 1]
+    zoom = torch.where(crop, CROP_SIZE / images.shape[-1], 1.0).to(images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = zoom
+    grid = F.affine_grid(theta, images.shape, align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    radians = torch.deg2rad(angles.to(images.dtype))
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    theta = images.new_zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+    grid = F.affine_grid(theta, images.shape, align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def random_augment(images):
+    """augment() with the original's random draws: angle uniform in +-15 degrees, crop with probability 0.1."""
+    batch = images.shape[0]
+    angles = torch.empty(batch, device=images.device).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES)
+    crop = torch.rand(batch, device=images.device) < CROP_P
+    return augment(images, angles, crop)
+
+
+class MnistBatches:
+    """Normalized (images, labels) batches made on the device from uint8 tensors that live there.
+
+    It stands in for a DataLoader: len() is the number of batches, and each pass over it (an epoch) draws a new
+    order and new augmentations. No worker processes and no host-to-device copies: MNIST is 55 MB as uint8."""
+
+    def __init__(self, images, labels, batch_size, shuffle=False, augment=False, max_batches=None):
+        self.images, self.labels = images, labels  # uint8 [N, 28, 28] and int64 [N], on the same device
+        self.batch_size, self.shuffle, self.augment, self.max_batches = batch_size, shuffle, augment, max_batches
+
+    def __len__(self):
+        batches = math.ceil(len(self.labels) / self.batch_size)
+        return batches if self.max_batches is None else min(batches, self.max_batches)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels), device=self.labels.device) if self.shuffle else None
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
+            images = self.images[index].unsqueeze(1).float().div_(255)
+            if self.augment:
+                images = random_augment(images)
+            images = images.sub_(MNIST_MEAN).div_(MNIST_STD)
+            yield images.contiguous(memory_format=torch.channels_last), self.labels[index]
+
+
+def get_trainloader(data_dir="data", batch_size=512, device="cpu", max_batches=None):
+    """The training set, shuffled and augmented anew each epoch, as batches on `device`."""
+    images, labels = load_mnist(data_dir, train=True)
+    return MnistBatches(images.to(device), labels.to(device), batch_size, shuffle=True, augment=True,
+                        max_batches=max_batches)
+
+
+def get_testloader(data_dir="data", batch_size=512, device="cpu", max_batches=None):
+    """The test set in its fixed order, normalized only, as batches on `device`."""
+    images, labels = load_mnist(data_dir, train=False)
+    return MnistBatches(images.to(device), labels.to(device), batch_size, max_batches=max_batches)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def pick_device():
+    """CUDA if there is a GPU, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def bfloat16_is_fast(device):
+    """Whether bfloat16 autocast speeds this device up: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere (older CPUs, MPS) bf16 would be emulated or untested, so training stays in float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, name, lambda: False)()
+                   for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def autocast(device, amp):
+    """Mixed precision for the forward pass: bfloat16 autocast when `amp` is on and the device runs it fast.
+
+    bfloat16 has float32's range, so no loss scaling is needed."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and bfloat16_is_fast(device))
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite: the weights are garbage from here on."""
+
+
+def GetCorrectPredCount(pPrediction, pLabels):
+    """How many predictions (rows of scores, argmax taken) match the labels, as a 0-dim tensor.
+
+    A tensor rather than an int, so the training loop can add counts up on the device without waiting for it."""
+    return pPrediction.argmax(dim=1).eq(pLabels).sum()
+
+
+def train(model, device, train_loader, optimizer, criterion, scheduler=None, amp=False, sync_every=10):
+    """One epoch of training; returns (mean loss, accuracy in %) over the epoch's samples.
+
+    scheduler, if given, is stepped after every batch (OneCycleLR); one stepped per epoch is the caller's.
+    The loss and accuracy are read back from the device every `sync_every` batches only, for the progress bar
+    and to stop at once (NonFiniteLoss) if the loss stops being finite."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    with tqdm(train_loader, desc="Train", dynamic_ncols=True) as pbar:
+        for batch_idx, (data, target) in enumerate(pbar):
+            data, target = data.to(device), target.to(device)  # no copy when the loader already lives on `device`
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, amp):
+                output = model(data)
+            loss = criterion(output.float(), target)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.detach() * len(target)
+            correct += GetCorrectPredCount(output.detach(), target)
+            seen += len(target)
+            if batch_idx % sync_every == sync_every - 1 or batch_idx == len(pbar) - 1:
+                mean_loss = loss_sum.item() / seen
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLoss(f"the training loss became {mean_loss} at batch {batch_idx + 1}")
+                pbar.set_postfix_str(f"loss={mean_loss:.4f} accuracy={100 * correct.item() / seen:.2f}%")
+    return loss_sum.item() / seen, 100 * correct.item() / seen
+
+
+def test(model, device, test_loader, criterion, amp=False):
+    """One pass over the test set; prints a one-line summary and returns (mean loss, accuracy in %).
+
+    The loss is the criterion's batch mean times the batch size, summed: right for F.nll_loss and
+    nn.CrossEntropyLoss() alike, whatever their reduction argument would have been."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    with torch.inference_mode(), autocast(device, amp):
+        for data, target in test_loader:
+            data, target = data.to(device), target.to(device)
+            output = model(data).float()
+            loss_sum += criterion(output, target) * len(target)
+            correct += GetCorrectPredCount(output, target)
+            seen += len(target)
+    test_loss, correct = loss_sum.item() / seen, correct.item()
+    print(f"Test set: Average loss: {test_loss:.4f}, Accuracy: {correct}/{seen} ({100 * correct / seen:.2f}%)")
+    return test_loss, 100 * correct / seen
+
+
+def predict(model, device, loader, amp=False):
+    """(predicted labels, true labels) for every sample of `loader`, in its order, as CPU tensors."""
+    model.eval()
+    predictions, labels = [], []
+    with torch.inference_mode(), autocast(device, amp):
+        for data, target in loader:
+            predictions.append(model(data.to(device)).argmax(dim=1).cpu())
+            labels.append(target.cpu())
+    return torch.cat(predictions), torch.cat(labels)
+
+
+def model_summary(model, input_size=(1, 28, 28)):
+    """Prints torchsummary's table (layers, output shapes, parameter counts) for a model on any device.
+
+    torchsummary 1.5.1 builds its dummy input on CUDA or on the CPU only, and fails when the model sits elsewhere
+    (its issues #14, #16, #179); a float32 copy on the CPU, with the CPU named, works wherever the model is."""
+    summary(copy.deepcopy(model).float().cpu(), input_size, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files and figures. Every file is written whole or not at all, so a kill at any moment leaves the last good one.
+
+
+def atomic_write(path, write):
+    """Writes `path` through write(binary_file): into a temporary file in the same folder, flushed and fsynced,
+    then renamed over `path`. Readers (and a crash) see the old file or the whole new one, never a part."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+METRICS_HEADER = "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds"
+
+
+def write_metrics(history, path):
+    """metrics.csv: one row per epoch (a dict with METRICS_HEADER's keys), accuracies in percent."""
+    keys = METRICS_HEADER.split(",")
+    lines = [METRICS_HEADER] + [",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]) for k in keys)
+                                for row in history]
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+
+
+def plot_metrics(history, path):
+    """The original's 2x2 figure: training loss, test loss, training accuracy, test accuracy per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(15, 10))
+    axs = fig.subplots(2, 2)
+    panels = [("train_loss", "Training Loss"), ("test_loss", "Test Loss"),
+              ("train_acc", "Training Accuracy"), ("test_acc", "Test Accuracy")]
+    for ax, (key, title) in zip(axs.flat, panels):
+        ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)" if key.endswith("acc") else "loss")
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def confusion_matrix(predictions, labels, classes=10):
+    """counts[true, predicted] as a [classes, classes] int64 tensor."""
+    return torch.bincount(labels * classes + predictions, minlength=classes * classes).reshape(classes, classes)
+
+
+def per_class_accuracy(matrix):
+    """Accuracy in % of each true class, from a confusion matrix."""
+    return 100 * matrix.diag().double() / matrix.sum(dim=1).clamp(min=1).double()
+
+
+def plot_confusion_matrix(matrix, path):
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    shown = ax.imshow(matrix.double().log1p().numpy(), cmap="Blues")  # log scale: errors are tiny beside the diagonal
+    classes = matrix.shape[0]
+    for true in range(classes):
+        for predicted in range(classes):
+            count = int(matrix[true, predicted])
+            if count:
+                ax.text(predicted, true, count, ha="center", va="center", fontsize=8,
+                        color="white" if true == predicted else "black")
+    ax.set_xticks(range(classes))
+    ax.set_yticks(range(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix ({int(matrix.trace())}/{int(matrix.sum())} right)")
+    fig.colorbar(shown, ax=ax, label="log(1 + count)")
+    save_figure(fig, path)
+
+
+def plot_misclassified(images, predictions, labels, path, count=25):
+    """A grid of the first `count` misclassified images (uint8 [N, 28, 28]) with true and predicted labels."""
+    wrong = (predictions != labels).nonzero().flatten()[:count].tolist()
+    columns = 5
+    rows = max(1, math.ceil(len(wrong) / columns))
+    fig = Figure(figsize=(2 * columns, 2.2 * rows))
+    axs = fig.subplots(rows, columns, squeeze=False)
+    for ax in axs.flat:
+        ax.axis("off")
+    for ax, i in zip(axs.flat, wrong):
+        ax.imshow(images[i].cpu().numpy(), cmap="gray_r")
+        ax.set_title(f"#{i}: true {int(labels[i])}, said {int(predictions[i])}", fontsize=9)
+    fig.suptitle(f"{int((predictions != labels).sum())} misclassified test images; the first {len(wrong)}")
+    save_figure(fig, path)
