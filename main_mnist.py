@@ -68,6 +68,8 @@ HELP = {
     "DATA_DIR": "folder holding MNIST (downloaded into DATA_DIR/MNIST/raw if missing)",
     "OUT_DIR": "folder for metrics, plots, the model and the checkpoint",
 }
+# What may change when a run resumes: the optimizer and scheduler come back from the checkpoint as they were.
+RESUMABLE_CHANGES = ["EPOCHS", "DATA_DIR", "OUT_DIR"]
 CHECKPOINT, METRICS, PLOT, FINAL_MODEL = "checkpoint.pt", "metrics.csv", "accuracy_loss.png", "model.pt"
 MISCLASSIFIED, CONFUSION = "misclassified.png", "confusion_matrix.png"
 
@@ -134,6 +136,7 @@ def check_hyperparameters(hp):
         ("STEP_SIZE", hp["STEP_SIZE"] >= 1, "must be at least 1"),
         ("GAMMA", 0 < hp["GAMMA"] <= 1, "must be in (0, 1]"),
         ("MODEL", hp["MODEL"] in MODELS, f"must be one of {', '.join(MODELS)}"),
+        ("NESTEROV", not hp["NESTEROV"] or hp["MOMENTUM"] > 0, "needs a MOMENTUM above 0"),
     ]
     for name, ok, requirement in rules:
         if not ok:
@@ -172,7 +175,7 @@ def set_rng_states(states):
 
 
 def load_checkpoint(path):
-    """The dict saved by save_epoch(), checked to be one; weights_only loading runs no code from the file."""
+    """The dict run_training() saves after each epoch, checked to be one; weights_only runs no code from the file."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -180,7 +183,7 @@ def load_checkpoint(path):
     except Exception as error:  # any unreadable file: not a zip, truncated, foreign pickle ...
         raise UserError(f"{path} is not a checkpoint this script can read ({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or "hyperparameters" not in checkpoint:
-        hint = " It holds only model weights (a model.pt?): resume from checkpoint.pt." if isinstance(checkpoint, dict) else ""
+        hint = " It holds only model weights (a model.pt?): resume from checkpoint.pt." * isinstance(checkpoint, dict)
         raise UserError(f"{path} is not a training checkpoint.{hint}")
     return checkpoint
 
@@ -269,6 +272,7 @@ def evaluate_only(args, device):
     if not args.checkpoint:
         raise UserError("--eval-only needs --checkpoint PATH (a model.pt or checkpoint.pt)")
     hp = hyperparameters(args)
+    check_hyperparameters(hp)
     model_name, state_dict = load_weights(args.checkpoint, hp["MODEL"])
     if "MODEL" in flags_given(args) and model_name != args.MODEL:
         raise UserError(f"{args.checkpoint} holds a {model_name}, not a {args.MODEL}")
@@ -290,6 +294,11 @@ def run_training(args, device):
         saved = dict(checkpoint["hyperparameters"], OUT_DIR=os.path.dirname(args.resume) or ".")
         if "MODEL" in flags_given(args) and args.MODEL != saved["MODEL"]:
             raise UserError(f"{args.resume} belongs to a {saved['MODEL']} run, not to --model {args.MODEL}")
+        fixed = [name for name, value in flags_given(args).items()
+                 if name not in RESUMABLE_CHANGES and value != saved[name]]
+        if fixed:
+            raise UserError(f"a resumed run keeps its hyperparameters; only --epochs, --data-dir and --out-dir "
+                            f"may change, not {', '.join(fixed)}")
         hp = hyperparameters(args, saved)
         if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != saved["EPOCHS"]:
             raise UserError("a onecycle run's length is fixed when it starts: resume it without --epochs")
@@ -352,7 +361,8 @@ def run_training(args, device):
         print(f"\nStopped during epoch {epoch}.", file=sys.stderr)
         if history:
             print(f"Kept epochs 1-{history[-1]['epoch']} in {paths[CHECKPOINT]}, {paths[METRICS]} and {paths[PLOT]}.\n"
-                  f"Resume with: python3 main_mnist.py --resume {shlex.quote(paths[CHECKPOINT])}", file=sys.stderr)
+                  f"Resume with: python3 main_mnist.py --resume {shlex.quote(paths[CHECKPOINT])}"
+                  f"{' --dry-run' if args.dry_run else ''}", file=sys.stderr)
         else:
             print("No epoch had finished, so there is nothing to resume.", file=sys.stderr)
         sys.exit(130)
@@ -377,12 +387,19 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device()
     try:
+        if args.checkpoint and not args.eval_only:
+            raise UserError("--checkpoint goes with --eval-only; to continue training, use --resume PATH")
+        if args.resume and args.eval_only:
+            raise UserError("--resume continues training; to only evaluate, use --eval-only --checkpoint PATH")
         if args.eval_only:
             evaluate_only(args, device)
         else:
             run_training(args, device)
     except UserError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # before training started (during training, run_training says what was kept)
+        print("Stopped.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # so that importing this file (the tests do) runs nothing

@@ -7,8 +7,10 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import main_mnist
+import utils
 from conftest import REPO
 from model import CompactNet, Net
 
@@ -87,6 +89,7 @@ def test_help_shows_both_recipes():
     (["--lr", "nan"], "LR"),
     (["--momentum", "1.5"], "MOMENTUM"),
     (["--gamma", "0"], "GAMMA"),
+    (["--nesterov", "--momentum", "0"], "NESTEROV"),
 ])
 def test_out_of_range_hyperparameters_stop_before_any_work(argv, named, tmp_path):
     message = exit_message(argv + ["--out-dir", str(tmp_path / "out")])
@@ -165,26 +168,49 @@ def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(real_data_dir, tmp_p
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "Traceback" not in stderr
-    resume_command = f"python3 main_mnist.py --resume {out_dir / 'checkpoint.pt'}"
+    resume_command = f"python3 main_mnist.py --resume {out_dir / 'checkpoint.pt'} --dry-run"
     assert resume_command in stderr
     done = torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"]
     assert len(read_metrics(out_dir)) == done >= 2
 
-    main_mnist.main(["--resume", str(out_dir / "checkpoint.pt"), "--epochs", str(done + 1)])
+    main_mnist.main(resume_command.split()[2:] + ["--epochs", str(done + 1)])
     main_mnist.main(common + ["--epochs", str(done + 1), "--out-dir", str(tmp_path / "whole")])
     assert read_metrics(out_dir) == read_metrics(tmp_path / "whole")
 
 
-def test_a_loss_that_blows_up_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path):
+def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path, monkeypatch):
+    def train_that_blows_up_from_epoch_2(model, device, loader, optimizer, criterion, *args, **kwargs):
+        if optimizer.state:  # a step has been taken: this is the second epoch or a later one
+            criterion = lambda output, target: F.nll_loss(output, target) * torch.nan  # noqa: E731
+        return utils.train(model, device, loader, optimizer, criterion, *args, **kwargs)
+
+    monkeypatch.setattr(main_mnist, "train", train_that_blows_up_from_epoch_2)
+    out_dir = tmp_path / "out"
+    message = exit_message(["--data-dir", tiny_mnist, "--out-dir", str(out_dir), *FAST, "--epochs", "5"])
+    assert message.startswith("error: the training loss became nan") and "in epoch 2" in message
+    assert "try a lower --lr" in message
+    assert f"checkpoint of epoch 1 is kept in {out_dir / 'checkpoint.pt'}" in message
+    checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and len(read_metrics(out_dir)) == 1
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+    assert not (out_dir / "model.pt").exists()
+
+
+def test_a_far_too_high_learning_rate_stops_the_run_with_advice(tiny_mnist, tmp_path):
     out_dir = tmp_path / "out"
     message = exit_message(["--data-dir", tiny_mnist, "--out-dir", str(out_dir), *FAST, "--epochs", "50",
                             "--lr", "1e6"])
     assert message.startswith(("error: the training loss became", "error: the weights became"))
-    assert "lower --lr" in message
-    checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
-    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
-    assert checkpoint["epoch"] == len(read_metrics(out_dir)) < 50
-    assert not (out_dir / "model.pt").exists()
+    assert "lower --lr" in message and not (out_dir / "model.pt").exists()
+    if (out_dir / "checkpoint.pt").exists():  # only if an epoch ended before the blow-up: then it is a good one
+        checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+
+
+def test_resuming_with_a_changed_optimizer_setting_is_refused(tiny_mnist, tmp_path):
+    main_mnist.main(["--data-dir", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "1", *FAST])
+    message = exit_message(["--resume", str(tmp_path / "checkpoint.pt"), "--lr", "0.5", "--epochs", "2"])
+    assert "keeps its hyperparameters" in message and "LR" in message
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -280,6 +306,8 @@ def test_eval_only_scores_a_saved_model_and_writes_the_diagnostics(tiny_mnist, t
 
 @pytest.mark.parametrize("argv, expected", [
     (["--eval-only"], "needs --checkpoint"),
+    (["--checkpoint", "outputs/model.pt"], "goes with --eval-only"),
+    (["--eval-only", "--checkpoint", "model.pt", "--resume", "checkpoint.pt"], "to only evaluate"),
     (["--eval-only", "--checkpoint", "nowhere.pt"], "no model file at"),
 ])
 def test_eval_only_without_a_usable_model_file_says_so(argv, expected):
