@@ -174,14 +174,19 @@ def set_rng_states(states):
         torch.mps.set_rng_state(states["mps"])
 
 
-def load_checkpoint(path):
-    """The dict run_training() saves after each epoch, checked to be one; weights_only runs no code from the file."""
+def read_saved(path, what):
+    """torch.load of a file the user named; weights_only=True runs no code from the file."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
+        raise UserError(f"no {what} at {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: not a zip, truncated, foreign pickle ...
-        raise UserError(f"{path} is not a checkpoint this script can read ({type(error).__name__})") from None
+        raise UserError(f"{path} is not a {what} this script can read ({type(error).__name__})") from None
+
+
+def load_checkpoint(path):
+    """The dict run_training() saves after each epoch, checked to be one."""
+    checkpoint = read_saved(path, "checkpoint")
     if not isinstance(checkpoint, dict) or "hyperparameters" not in checkpoint:
         hint = " It holds only model weights (a model.pt?): resume from checkpoint.pt." * isinstance(checkpoint, dict)
         raise UserError(f"{path} is not a training checkpoint.{hint}")
@@ -235,12 +240,7 @@ def report_test_set(model, device, test_loader, amp, out_dir):
 
 def load_weights(path, model_name):
     """(model name, state_dict) from a model.pt or a checkpoint.pt; the name is the checkpoint's if it has one."""
-    if not os.path.isfile(path):
-        raise UserError(f"no model file at {path}")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{path} is not a model file this script can read ({type(error).__name__})") from None
+    saved = read_saved(path, "model file")
     if isinstance(saved, dict) and "hyperparameters" in saved:
         return saved["hyperparameters"]["MODEL"], saved["model"]
     if not isinstance(saved, dict):
@@ -250,17 +250,15 @@ def load_weights(path, model_name):
 
 def build_model(model_name, device, state_dict=None, source=None):
     model = MODELS[model_name]()
-    if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError:
-            fits = [name for name, cls in MODELS.items() if name != model_name and _fits(cls(), state_dict)]
-            hint = f"; it fits --model {fits[0]}" if fits else ""
-            raise UserError(f"{source} does not hold weights of {model_name}{hint}") from None
+    if state_dict is not None and not _load_if_fits(model, state_dict):
+        fits = [name for name, cls in MODELS.items() if name != model_name and _load_if_fits(cls(), state_dict)]
+        hint = f"; it fits --model {fits[0]}" if fits else ""
+        raise UserError(f"{source} does not hold weights of {model_name}{hint}")
     return model.to(device, memory_format=torch.channels_last)
 
 
-def _fits(model, state_dict):
+def _load_if_fits(model, state_dict):
+    """Loads state_dict into model if its names and shapes match; says whether they did."""
     try:
         model.load_state_dict(state_dict)
         return True
@@ -300,6 +298,9 @@ def run_training(args, device):
             raise UserError(f"a resumed run keeps its hyperparameters; only --epochs, --data-dir and --out-dir "
                             f"may change, not {', '.join(fixed)}")
         hp = hyperparameters(args, saved)
+        if hp["EPOCHS"] <= checkpoint["epoch"]:
+            raise UserError(f"{args.resume} ends at epoch {checkpoint['epoch']}, so there is nothing left to train: "
+                            f"add --epochs N with N above {checkpoint['epoch']} to train further")
         if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != saved["EPOCHS"]:
             raise UserError("a onecycle run's length is fixed when it starts: resume it without --epochs")
     check_hyperparameters(hp)

@@ -207,10 +207,12 @@ def test_a_far_too_high_learning_rate_stops_the_run_with_advice(tiny_mnist, tmp_
         assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
 
 
-def test_resuming_with_a_changed_optimizer_setting_is_refused(tiny_mnist, tmp_path):
+def test_resuming_with_a_changed_optimizer_setting_or_nothing_left_to_do_is_refused(tiny_mnist, tmp_path):
     main_mnist.main(["--data-dir", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "1", *FAST])
-    message = exit_message(["--resume", str(tmp_path / "checkpoint.pt"), "--lr", "0.5", "--epochs", "2"])
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    message = exit_message(["--resume", checkpoint, "--lr", "0.5", "--epochs", "2"])
     assert "keeps its hyperparameters" in message and "LR" in message
+    assert "ends at epoch 1, so there is nothing left to train" in exit_message(["--resume", checkpoint])
 
 
 @pytest.mark.parametrize("content, expected", [
