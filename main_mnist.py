@@ -274,8 +274,8 @@ def evaluate_only(args, device):
     model_name, state_dict = load_weights(args.checkpoint, hp["MODEL"])
     if "MODEL" in flags_given(args) and model_name != args.MODEL:
         raise UserError(f"{args.checkpoint} holds a {model_name}, not a {args.MODEL}")
-    check_writable(hp["OUT_DIR"])
     model = build_model(model_name, device, state_dict, source=args.checkpoint)
+    check_writable(hp["OUT_DIR"])
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device,
                                  max_batches=1 if args.dry_run else None)
     print(f"Evaluating {model_name} from {args.checkpoint} on {device}")

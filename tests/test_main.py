@@ -319,12 +319,13 @@ def test_eval_only_without_a_usable_model_file_says_so(argv, expected):
 def test_eval_only_names_the_model_that_plain_weights_fit(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(CompactNet().state_dict(), path)
-    message = exit_message(["--eval-only", "--checkpoint", str(path)])
+    message = exit_message(["--eval-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
     assert "does not hold weights of Net" in message and "--model CompactNet" in message
+    assert not (tmp_path / "out").exists()  # nothing is made before the inputs are known to be good
 
 
 def test_eval_only_refuses_weights_of_another_architecture(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"conv1.weight": torch.zeros(8, 1, 3, 3)}, path)
-    message = exit_message(["--eval-only", "--checkpoint", str(path)])
+    message = exit_message(["--eval-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
     assert "does not hold weights of Net" in message
