@@ -76,6 +76,11 @@ MISCLASSIFIED, CONFUSION = "misclassified.png", "confusion_matrix.png"
 
 # ---- Command line ----
 
+def flag_name(name):
+    """The command-line flag of a hyperparameter: BATCH_SIZE -> --batch-size."""
+    return "--" + name.lower().replace("_", "-")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line that names the problem, rather than the whole usage text
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -90,14 +95,13 @@ def parse_args(argv=None):
                      epilog=f"recipes applied by --model (flags given still win):\n{recipes}")
     for name in HYPERPARAMETERS:
         default = globals()[name]
-        flag = "--" + name.lower().replace("_", "-")
         kwargs = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
         if name == "MODEL":
             kwargs["choices"] = list(MODELS)
         if name == "SCHEDULE":
             kwargs["choices"] = ["step", "onecycle"]
         recipes = "".join(f"; {model}: {recipe[name]}" for model, recipe in RECIPES.items() if name in recipe)
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS,
+        parser.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS,
                             help=f"{HELP[name]} (default: {default}{recipes})", **kwargs)
     parser.add_argument("--dry-run", action="store_true", help="one batch of training and one of test per epoch")
     parser.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint.pt")
@@ -140,7 +144,7 @@ def check_hyperparameters(hp):
     ]
     for name, ok, requirement in rules:
         if not ok:
-            raise UserError(f"{name} (--{name.lower().replace('_', '-')}) {requirement}, not {hp[name]!r}")
+            raise UserError(f"{name} ({flag_name(name)}) {requirement}, not {hp[name]!r}")
 
 
 def check_writable(folder):
@@ -188,7 +192,9 @@ def load_checkpoint(path):
     """The dict run_training() saves after each epoch, checked to be one."""
     checkpoint = read_saved(path, "checkpoint")
     if not isinstance(checkpoint, dict) or "hyperparameters" not in checkpoint:
-        hint = " It holds only model weights (a model.pt?): resume from checkpoint.pt." * isinstance(checkpoint, dict)
+        hint = ""
+        if isinstance(checkpoint, dict):
+            hint = " It holds only model weights (a model.pt?): resume from checkpoint.pt."
         raise UserError(f"{path} is not a training checkpoint.{hint}")
     return checkpoint
 
@@ -295,8 +301,8 @@ def run_training(args, device):
         fixed = [name for name, value in flags_given(args).items()
                  if name not in RESUMABLE_CHANGES and value != saved[name]]
         if fixed:
-            raise UserError(f"a resumed run keeps its hyperparameters; only --epochs, --data-dir and --out-dir "
-                            f"may change, not {', '.join(fixed)}")
+            raise UserError(f"a resumed run keeps its hyperparameters; only "
+                            f"{', '.join(map(flag_name, RESUMABLE_CHANGES))} may change, not {', '.join(fixed)}")
         hp = hyperparameters(args, saved)
         if hp["EPOCHS"] <= checkpoint["epoch"]:
             raise UserError(f"{args.resume} ends at epoch {checkpoint['epoch']}, so there is nothing left to train: "
