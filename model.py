@@ -61,3 +61,7 @@ class CompactNet(nn.Module):
 def _conv_bn_relu(in_channels, out_channels, kernel_size):
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, bias=False),
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+# The models main_mnist.py, predict.py and app.py can build, by the name --model takes and checkpoints record.
+MODELS = {"Net": Net, "CompactNet": CompactNet}

@@ -5,6 +5,7 @@ import hashlib
 import io
 import math
 import os
+import secrets
 import socket
 
 import torch
@@ -289,18 +290,27 @@ def model_summary(model, input_size=(1, 28, 28)):
 
 
 def atomic_write(path, write):
-    """Writes `path` through write(binary_file): into a temporary file in the same folder, flushed and fsynced,
-    then renamed over `path`. Readers (and a crash) see the old file or the whole new one, never a part."""
-    tmp = f"{path}.tmp"
+    """Writes `path` through write(binary_file), whole or not at all.
+
+    The content is made in memory first, then written to a temporary file of this writer's own (a unique name in
+    the same folder), fsynced and renamed over `path`: readers, a crash and a second process see the old file or
+    the whole new one, never a part. Made in memory, a full disk shows as the OSError it is (ENOSPC); torch.save
+    writing straight to a full disk fails with an unrelated RuntimeError."""
+    content = io.BytesIO()
+    write(content)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        with open(tmp, "xb") as f:
+            f.write(content.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(error, OSError):
+            error.filename, error.filename2 = str(path), None  # the file the caller asked for, not our temporary one
         raise
 
 
@@ -319,7 +329,7 @@ def save_figure(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
 
 
-def plot_metrics(history, path):
+def plot_metrics(history, path, title=""):
     """The original's 2x2 figure: training loss, test loss, training accuracy, test accuracy per epoch."""
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(15, 10))
@@ -379,3 +389,15 @@ def plot_misclassified(images, predictions, labels, path, count=25):
         ax.set_title(f"#{i}: true {int(labels[i])}, said {int(predictions[i])}", fontsize=9)
     fig.suptitle(f"{int((predictions != labels).sum())} misclassified test images; the first {len(wrong)}")
     save_figure(fig, path)
+
+
+def plot_comparison(runs, path, title="Run comparison"):
+    fig = Figure(figsize=(14, 5))
+    axs = fig.subplots(1, 2)
+    for run in runs:
+        epochs = [row["epoch"] for row in run["history"]]
+        axs[0].plot(epochs, [row["test_acc"] for row in run["history"]], label=run["label"])
+        axs[1].plot(epochs, [row["test_loss"] for row in run["history"]], label=run["label"])
+    axs[0].legend()
+    save_figure(fig, path)
+    return fig

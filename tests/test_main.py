@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import main_mnist
+import runs
 import utils
 from conftest import REPO
 from model import CompactNet, Net
 
 FAST = ["--batch-size", "16", "--test-batch-size", "16"]  # tiny_mnist: 4 training and 2 test batches per epoch
+HELPS = runs.setting_comments(main_mnist.__file__)
 
 
 def run_script(*args, **kwargs):
@@ -58,21 +60,24 @@ def test_help_lists_every_hyperparameter_with_its_default():
             assert f"(default: {default}" in following
 
 
+def settings_of(argv):
+    """The settings a run with these flags would use: main_mnist.py's block, the model's recipe, the flags."""
+    return runs.settings(runs.parse_args(argv, main_mnist.SETTINGS, main_mnist.RECIPES, HELPS), main_mnist.SETTINGS,
+                         main_mnist.RECIPES)
+
+
 def test_flags_override_the_constants_and_the_rest_keep_them():
-    hp = main_mnist.hyperparameters(main_mnist.parse_args(["--epochs", "1", "--batch-size", "128", "--lr", "0.05",
-                                                           "--no-amp", "--out-dir", "elsewhere"]))
+    hp = settings_of(["--epochs", "1", "--batch-size", "128", "--lr", "0.05", "--no-amp", "--out-dir", "elsewhere"])
     assert (hp["EPOCHS"], hp["BATCH_SIZE"], hp["LR"], hp["AMP"], hp["OUT_DIR"]) == (1, 128, 0.05, False, "elsewhere")
     assert (hp["MOMENTUM"], hp["STEP_SIZE"], hp["GAMMA"], hp["SEED"]) == (0.9, 15, 0.1, main_mnist.SEED)
     assert (hp["MODEL"], hp["SCHEDULE"], hp["DATA_DIR"]) == ("Net", "step", "data")
 
 
 def test_model_selects_its_recipe_and_flags_still_override_it():
-    compact = main_mnist.hyperparameters(main_mnist.parse_args(["--model", "CompactNet"]))
-    assert compact == {**main_mnist.hyperparameters(main_mnist.parse_args([])), **main_mnist.RECIPES["CompactNet"],
-                       "MODEL": "CompactNet"}
+    compact = settings_of(["--model", "CompactNet"])
+    assert compact == {**settings_of([]), **main_mnist.RECIPES["CompactNet"], "MODEL": "CompactNet"}
     assert compact["EPOCHS"] <= 15 and compact["SCHEDULE"] == "onecycle"
-    overridden = main_mnist.hyperparameters(main_mnist.parse_args(["--model", "CompactNet", "--epochs", "3",
-                                                                   "--lr", "0.1"]))
+    overridden = settings_of(["--model", "CompactNet", "--epochs", "3", "--lr", "0.1"])
     assert (overridden["EPOCHS"], overridden["LR"], overridden["BATCH_SIZE"]) == (3, 0.1, compact["BATCH_SIZE"])
 
 
@@ -91,10 +96,19 @@ def test_help_shows_both_recipes():
     (["--gamma", "0"], "GAMMA"),
     (["--nesterov", "--momentum", "0"], "NESTEROV"),
 ])
-def test_out_of_range_hyperparameters_stop_before_any_work(argv, named, tmp_path):
-    message = exit_message(argv + ["--out-dir", str(tmp_path / "out")])
-    assert message.startswith("error: ") and named in message and "\n" not in message
+def test_out_of_range_hyperparameters_stop_before_any_work(argv, named, tmp_path, capsys):
+    assert exit_message(argv + ["--out-dir", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "error: " in message and named in message and len(message.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_every_setting_has_its_meaning_from_the_comment_beside_it():
+    assert list(main_mnist.SETTINGS)[:3] == ["MODEL", "EPOCHS", "BATCH_SIZE"] and "RECIPES" not in main_mnist.SETTINGS
+    help_text = " ".join(run_script("--help").stdout.split())
+    for name in main_mnist.SETTINGS:
+        assert f"{runs.flag_name(name)} " in help_text and " ".join(HELPS[name].split()) in help_text
+    assert "training images per SGD step (default: 512; CompactNet: 128)" in " ".join(help_text.split())
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -131,8 +145,9 @@ def test_dry_run_end_to_end_on_real_mnist_writes_the_three_outputs(real_data_dir
     with open(out_dir / "accuracy_loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     Net().load_state_dict(torch.load(out_dir / "model.pt"))
-    for name in ("metrics.csv", "accuracy_loss.png", "model.pt"):
+    for name in ("metrics.csv", "accuracy_loss.png", "model.pt", "run.json"):
         assert str(out_dir / name) in result.stdout  # the paths are printed at the end
+    assert result.stdout.startswith(f"Run folder: {out_dir}\n")
 
 
 def test_same_seed_same_metrics(tiny_mnist, tmp_path, cpu_only):
@@ -252,10 +267,12 @@ def test_a_fresh_run_does_not_overwrite_an_unfinished_one(tiny_mnist, tmp_path):
     process_args = ["--data-dir", tiny_mnist, "--out-dir", out_dir, *FAST]
     main_mnist.main(process_args + ["--epochs", "1"])
     checkpoint = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=True)
-    checkpoint["hyperparameters"]["EPOCHS"] = 5  # as if stopped after epoch 1 of 5
+    checkpoint["hyperparameters"]["EPOCHS"] = 5  # as if stopped after epoch 1 of 5, before a model.pt
     torch.save(checkpoint, os.path.join(out_dir, "checkpoint.pt"))
+    os.remove(os.path.join(out_dir, "model.pt"))
     message = exit_message(process_args + ["--epochs", "5"])
-    assert "unfinished run" in message and "--resume" in message
+    assert "holds an unfinished run (epoch 1 of 5)" in message
+    assert f"python3 main_mnist.py --resume {os.path.join(out_dir, 'checkpoint.pt')}" in message
 
 
 def test_a_damaged_data_file_stops_the_script_with_its_name(real_data_dir, tmp_path):
@@ -296,14 +313,14 @@ def test_eval_only_scores_a_saved_model_and_writes_the_diagnostics(tiny_mnist, t
     capsys.readouterr()
     for saved in ("model.pt", "checkpoint.pt"):
         main_mnist.main(["--eval-only", "--checkpoint", str(train_dir / saved), "--data-dir", tiny_mnist,
-                         "--out-dir", str(eval_dir)])
+                         "--out-dir", str(eval_dir / saved)])
         out = capsys.readouterr().out
         assert f"({float(trained):.2f}%)" in out  # the same accuracy as at the end of training
         assert "Per-class test accuracy: 0:" in out
-    for name in ("misclassified.png", "confusion_matrix.png"):
-        with open(eval_dir / name, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert not (eval_dir / "metrics.csv").exists()  # nothing trained
+        for name in ("misclassified.png", "confusion_matrix.png"):
+            with open(eval_dir / saved / name, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert not (eval_dir / saved / "metrics.csv").exists()  # nothing trained
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -319,9 +336,18 @@ def test_eval_only_without_a_usable_model_file_says_so(argv, expected):
 def test_eval_only_names_the_model_that_plain_weights_fit(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(CompactNet().state_dict(), path)
-    message = exit_message(["--eval-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
+    message = exit_message(["--eval-only", "--checkpoint", str(path), "--model", "Net", "--out-dir",
+                            str(tmp_path / "out")])
     assert "does not hold weights of Net" in message and "--model CompactNet" in message
     assert not (tmp_path / "out").exists()  # nothing is made before the inputs are known to be good
+
+
+def test_eval_only_finds_the_model_that_plain_weights_fit(tiny_mnist, tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save(CompactNet().state_dict(), path)
+    main_mnist.main(["--eval-only", "--checkpoint", str(path), "--data-dir", tiny_mnist, "--out-dir",
+                     str(tmp_path / "out")])
+    assert "Evaluating CompactNet" in capsys.readouterr().out
 
 
 def test_eval_only_refuses_weights_of_another_architecture(tmp_path):

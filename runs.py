@@ -1,0 +1,596 @@
+"""Run bookkeeping for main_mnist.py, so that the training script can tell the training story.
+
+Here: the command line built from the script's settings, a folder per run with its lock and its record (run.json),
+checkpoints and exact resume, Ctrl-C and SIGTERM, what a failed run leaves and says, and `--compare`.
+"""
+import argparse
+import csv
+import datetime
+import fcntl
+import io
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import signal
+import sys
+import tokenize
+from contextlib import contextmanager
+
+import torch
+import torchvision
+
+from model import MODELS
+from utils import UserError, NonFiniteLoss, atomic_write, write_metrics, plot_metrics, plot_comparison
+
+# The files of a run folder. Any of RUN_FILES in a folder means a run wrote there, and no other run may.
+RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL = "run.json", "checkpoint.pt", "metrics.csv", "accuracy_loss.png", "model.pt"
+SAMPLES, MISCLASSIFIED, CONFUSION, LR_PLOT = "samples.png", "misclassified.png", "confusion_matrix.png", "lr_finder.png"
+RUN_FILES = (RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL, MISCLASSIFIED, CONFUSION, LR_PLOT)
+LOCK = ".lock"
+COMPARISON_PNG, COMPARISON_CSV = "comparison.png", "comparison.csv"
+
+# The valid choices of the settings that have a fixed list of them; --help shows them, check_settings enforces them.
+CHOICES = {"MODEL": list(MODELS), "SCHEDULE": ["step", "onecycle"]}
+# What may change when a run resumes: the optimizer and the schedule come back from the checkpoint as they were.
+RESUMABLE = ["EPOCHS", "DATA_DIR"]
+# Settings that say where things are rather than how the model trains; --compare does not list them.
+PLACES = ["DATA_DIR", "OUT_DIR"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: one flag per setting, its help taken from the comment beside the setting.
+
+def flag_name(name):
+    """The command-line flag of a setting: BATCH_SIZE -> --batch-size."""
+    return "--" + name.lower().replace("_", "-")
+
+
+def setting_comments(path):
+    """{NAME: comment} for each line `NAME = value  # comment` of a Python file: a setting's meaning, written once."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(iter(lines).__next__) if token.type == tokenize.COMMENT}
+    names = {number: match.group(1) for number, line in enumerate(lines, 1)
+             if (match := re.match(r"([A-Z][A-Z0-9_]*)\s*=", line))}
+    return {name: comments[number] for number, name in names.items() if number in comments}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line that names the problem, rather than the whole usage text
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv, defaults, recipes, helps):
+    """The flags given (a setting's attribute exists only when its flag was given), checked with the settings they
+    make: a bad value stops here, with one line and exit code 2, before any work."""
+    recipe_lines = "\n".join(f"  {model}: " + (", ".join(f"{k}={v}" for k, v in recipe.items()) or "the settings as they are")
+                             for model, recipe in recipes.items())
+    parser = _Parser(description="Train a digit classifier on MNIST.", formatter_class=argparse.RawTextHelpFormatter,
+                     allow_abbrev=False,  # --epoch is a typo, not --epochs
+                     epilog=f"recipes applied by --model (flags given still win):\n{recipe_lines}")
+    for name, default in defaults.items():
+        kwargs = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
+        if name in CHOICES:
+            kwargs["metavar"] = "{" + ",".join(CHOICES[name]) + "}"
+        in_recipes = "".join(f"; {model}: {recipe[name]}" for model, recipe in recipes.items() if name in recipe)
+        parser.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS,
+                            help=f"{helps[name]} (default: {default}{in_recipes})", **kwargs)
+    parser.add_argument("--dry-run", action="store_true", help="one batch of training and one of test per epoch")
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pt, "
+                                                               "in its own folder")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the test set")
+    parser.add_argument("--checkpoint", metavar="PATH", help="with --eval-only: a model.pt or checkpoint.pt")
+    parser.add_argument("--find-lr", action="store_true", help="an LR range test of the model and recipe; "
+                                                               "prints a suggested --lr, trains nothing for keeps")
+    parser.add_argument("--compare", nargs="*", metavar="RUN_DIR",
+                        help="train nothing: put these runs (default: every run in OUT_DIR) side by side")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # for the run's record
+    if args.resume is None:
+        try:
+            check_settings(settings(args, defaults, recipes))
+        except UserError as error:
+            parser.error(str(error))
+    return args
+
+
+def flags_given(args, defaults):
+    return {name: getattr(args, name) for name in defaults if hasattr(args, name)}
+
+
+def settings(args, defaults, recipes, saved=None):
+    """The run's settings: the defaults, then the model's recipe (or those of the run being resumed), then the flags."""
+    given = flags_given(args, defaults)
+    if saved is not None:
+        return {**saved, **given}
+    model = given.get("MODEL", defaults["MODEL"])
+    return {**defaults, **recipes.get(model, {}), **given}
+
+
+def check_settings(hp):
+    """Raises UserError for the first value that would make the run fail or train garbage. Every rule is here."""
+    rules = [
+        ("MODEL", hp["MODEL"] in CHOICES["MODEL"], f"must be one of {', '.join(CHOICES['MODEL'])}"),
+        ("SCHEDULE", hp["SCHEDULE"] in CHOICES["SCHEDULE"], f"must be one of {', '.join(CHOICES['SCHEDULE'])}"),
+        ("EPOCHS", hp["EPOCHS"] >= 1, "must be at least 1"),
+        ("BATCH_SIZE", hp["BATCH_SIZE"] >= 1, "must be at least 1"),
+        ("TEST_BATCH_SIZE", hp["TEST_BATCH_SIZE"] >= 1, "must be at least 1"),
+        ("LR", hp["LR"] > 0 and hp["LR"] != float("inf"), "must be a positive number"),  # NaN fails `> 0`
+        ("MOMENTUM", 0 <= hp["MOMENTUM"] < 1, "must be in [0, 1)"),
+        ("WEIGHT_DECAY", 0 <= hp["WEIGHT_DECAY"] < float("inf"), "must be 0 or more"),
+        ("STEP_SIZE", hp["STEP_SIZE"] >= 1, "must be at least 1"),
+        ("GAMMA", 0 < hp["GAMMA"] <= 1, "must be in (0, 1]"),
+        ("NESTEROV", not hp["NESTEROV"] or hp["MOMENTUM"] > 0, "needs a MOMENTUM above 0"),
+    ]
+    for name, ok, requirement in rules:
+        if not ok:
+            raise UserError(f"{name} ({flag_name(name)}) {requirement}, not {hp[name]!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders and their lock: one writer per folder, and nothing a run wrote is ever overwritten by another.
+
+_held_locks = []  # open lock files: the OS releases their locks when the process ends, however it ends
+
+
+def lock_folder(folder):
+    """Holds an exclusive lock on `folder` for the rest of this process's life; UserError if another process has it."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another run (process {holder}): wait for it to end, "
+                        f"or choose another --out-dir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as error:
+        os.close(fd)
+        raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
+    _held_locks.append(fd)
+
+
+def release_locks():
+    """Ends this process's hold on its run folders (the end of the process does the same)."""
+    while _held_locks:
+        os.close(_held_locks.pop())
+
+
+def is_locked(folder):
+    """Whether a live process holds `folder`'s lock (a run whose record says 'running' but is not locked was killed)."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def new_run_folder(parent, name):
+    """A new folder parent/<date>_<time>_<name>, locked; `ls` sorts such folders by start. Never an existing one."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        for attempt in range(1, 100):
+            folder = os.path.join(parent, f"{stamp}_{name}" + (f"-{attempt}" if attempt > 1 else ""))
+            try:
+                os.mkdir(folder)  # fails if it exists, even if another process made it a moment ago
+                break
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise UserError(f"cannot write to the output folder {parent}: {error.strerror}") from None
+    lock_folder(folder)
+    return folder
+
+
+def claim_folder(folder):
+    """The folder --out-dir names, locked, once it is known to hold no run's files."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
+    lock_folder(folder)
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+    if not present:
+        return folder
+    checkpoint_path = os.path.join(folder, CHECKPOINT)
+    if os.path.exists(os.path.join(folder, FINAL_MODEL)) or not os.path.exists(checkpoint_path):
+        raise UserError(f"{folder} already holds a run's files ({', '.join(present)}): choose another --out-dir, "
+                        f"or leave it out for a new folder of its own")
+    checkpoint = load_checkpoint(checkpoint_path)
+    raise UserError(f"{folder} holds an unfinished run (epoch {checkpoint['epoch']} of "
+                    f"{checkpoint['hyperparameters']['EPOCHS']}): resume it with "
+                    f"{resume_command(checkpoint_path)}, or choose another --out-dir")
+
+
+def open_run_folder(args, hp, kind=""):
+    """Where this run writes: --out-dir exactly if given, else a new folder under OUT_DIR named for its start and
+    model (and `kind`, for what is not a training run). Locked either way."""
+    if hasattr(args, "OUT_DIR"):
+        return claim_folder(hp["OUT_DIR"])
+    return new_run_folder(hp["OUT_DIR"], hp["MODEL"] + (f"_{kind}" if kind else ""))
+
+
+def resume_command(checkpoint_path, dry_run=False):
+    return f"python3 main_mnist.py --resume {shlex.quote(checkpoint_path)}" + (" --dry-run" if dry_run else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run.json: what a person reads to know what a run was and how it went. Rewritten whole at every change.
+
+def device_name(device):
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def new_record(folder, hp, model, device, amp, argv, mode="train"):
+    return {
+        "folder": folder, "mode": mode, "status": "running",
+        "model": hp["MODEL"], "parameters": sum(p.numel() for p in model.parameters()),
+        "hyperparameters": hp, "dry_run": False,
+        "command": shlex.join(["python3", "main_mnist.py", *argv]),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+        "device": device_name(device), "precision": "bfloat16 autocast" if amp else "float32",
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "epochs_done": 0, "epochs_planned": hp["EPOCHS"],
+        "final_test_acc": None, "best_test_acc": None, "best_epoch": None, "seconds": 0.0,
+    }
+
+
+def save_record(folder, record):
+    atomic_write(os.path.join(folder, RECORD), lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
+
+
+def read_record(folder):
+    """The run.json of `folder` as a dict, or None if there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, RECORD)) as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def record_epochs(record, history):
+    """The record's summary of the epochs so far."""
+    best = max(history, key=lambda row: row["test_acc"])
+    record.update(epochs_done=history[-1]["epoch"], final_test_acc=round(history[-1]["test_acc"], 4),
+                  best_test_acc=round(best["test_acc"], 4), best_epoch=best["epoch"],
+                  seconds=round(sum(row["seconds"] for row in history), 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: everything an exact resume needs, read back with weights_only=True (no code runs from the file).
+
+def rng_states():
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
+
+
+def read_saved(path, what):
+    """torch.load of a file the user named; weights_only=True runs no code from the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"no {what} at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: not a zip, truncated, foreign pickle ...
+        raise UserError(f"{path} is not a {what} this script can read ({type(error).__name__})") from None
+
+
+def load_checkpoint(path):
+    """The dict save_epoch() writes after each epoch, checked to be one."""
+    checkpoint = read_saved(path, "checkpoint")
+    if not isinstance(checkpoint, dict) or "hyperparameters" not in checkpoint:
+        hint = " It holds only model weights (a model.pt?): resume from checkpoint.pt." if isinstance(checkpoint, dict) else ""
+        raise UserError(f"{path} is not a training checkpoint.{hint}")
+    return checkpoint
+
+
+def resumed_settings(args, defaults, checkpoint):
+    """The settings of the run --resume continues: the checkpoint's, with only RESUMABLE ones changed by flags."""
+    saved = checkpoint["hyperparameters"]
+    given = flags_given(args, defaults)
+    if "MODEL" in given and given["MODEL"] != saved["MODEL"]:
+        raise UserError(f"{args.resume} belongs to a {saved['MODEL']} run, not to --model {given['MODEL']}")
+    if "OUT_DIR" in given:
+        raise UserError("--resume continues in the checkpoint's own folder: leave out --out-dir")
+    fixed = [name for name, value in given.items() if name not in RESUMABLE and value != saved.get(name)]
+    if fixed:
+        raise UserError(f"a resumed run keeps its hyperparameters; only {', '.join(map(flag_name, RESUMABLE))} "
+                        f"may change, not {', '.join(fixed)}")
+    hp = {**saved, **given}
+    check_settings(hp)
+    if hp["EPOCHS"] <= checkpoint["epoch"]:
+        raise UserError(f"{args.resume} ends at epoch {checkpoint['epoch']}, so there is nothing left to train: "
+                        f"add --epochs N with N above {checkpoint['epoch']} to train further")
+    if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != saved["EPOCHS"]:
+        raise UserError("a onecycle run's length is fixed when it starts: resume it without --epochs")
+    return hp
+
+
+def restore(checkpoint, model, optimizer, scheduler):
+    """Puts a resumed run back where its checkpoint left it; returns the history of its epochs so far."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    set_rng_states(checkpoint["rng"])
+    return checkpoint["history"]
+
+
+def load_weights(path):
+    """(model name or None, state_dict) from a model.pt or a checkpoint.pt. The name comes from the checkpoint, or
+    from the run.json beside a model.pt; None if neither says."""
+    saved = read_saved(path, "model file")
+    if isinstance(saved, dict) and "hyperparameters" in saved:
+        return saved["hyperparameters"]["MODEL"], saved["model"]
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise UserError(f"{path} does not hold a model's state_dict")
+    record = read_record(os.path.dirname(path) or ".")
+    return (record or {}).get("model"), saved
+
+
+def load_model(path, device, model_name=None):
+    """(model name, model in eval mode on `device`) from a model.pt or checkpoint.pt.
+
+    The model's class is the one the file (or its run.json) names, else `model_name`, else whichever fits."""
+    saved_name, state_dict = load_weights(path)
+    if saved_name and model_name and saved_name != model_name:
+        raise UserError(f"{path} holds a {saved_name}, not a {model_name}")
+    name = saved_name or model_name
+    candidates = [name] if name else list(MODELS)
+    for candidate in candidates:
+        model = MODELS[candidate]()
+        if _fits(model, state_dict):
+            return candidate, model.to(device, memory_format=torch.channels_last).eval()
+    fits = [other for other in MODELS if other not in candidates and _fits(MODELS[other](), state_dict)]
+    hint = f"; it fits --model {fits[0]}" if fits else ""
+    raise UserError(f"{path} does not hold weights of {' or '.join(candidates)}{hint}")
+
+
+def _fits(model, state_dict):
+    """Loads state_dict into model if its names and shapes match; says whether they did."""
+    try:
+        model.load_state_dict(state_dict)
+        return True
+    except RuntimeError:
+        return False
+
+
+def latest_finished_run(parent):
+    """The newest folder under `parent` whose run finished training and left its model.pt; None if there is none."""
+    try:
+        names = sorted(os.listdir(parent), reverse=True)  # run folders sort by their start
+    except OSError:
+        return None
+    for name in names:
+        folder = os.path.join(parent, name)
+        record = read_record(folder)
+        if (record and record.get("mode", "train") == "train" and record.get("status") == "finished"
+                and os.path.isfile(os.path.join(folder, FINAL_MODEL))):
+            return folder
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving an epoch, and what a run that stops early leaves and says.
+
+_signals = {"deferring": False, "received": None}
+
+
+def _on_stop_signal(signum, frame):
+    if _signals["deferring"]:
+        _signals["received"] = signum
+    else:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_signals_handled():
+    """Ctrl-C (SIGINT) and `kill` (SIGTERM) both stop the script as KeyboardInterrupt: one mechanism for both.
+
+    While uninterrupted() writes files, a signal waits until the files are whole."""
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def uninterrupted():
+    _signals["deferring"] = True
+    try:
+        yield
+    finally:
+        _signals["deferring"] = False
+        if _signals["received"] is not None:
+            _signals["received"] = None
+            raise KeyboardInterrupt
+
+
+def save_epoch(folder, record, model, optimizer, scheduler, history, title):
+    """After an epoch: the checkpoint, metrics.csv, the plot and run.json, each whole or not at all."""
+    checkpoint = dict(hyperparameters=record["hyperparameters"], epoch=history[-1]["epoch"], model=model.state_dict(),
+                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history,
+                      rng=rng_states())
+    record_epochs(record, history)
+    with uninterrupted():
+        atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(checkpoint, f))
+        write_metrics(history, os.path.join(folder, METRICS))
+        plot_metrics(history, os.path.join(folder, PLOT), title=title)
+        save_record(folder, record)
+
+
+def save_model(folder, record, model):
+    with uninterrupted():
+        atomic_write(os.path.join(folder, FINAL_MODEL), lambda f: torch.save(model.state_dict(), f))
+        record.update(status="finished", finished=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+        save_record(folder, record)
+
+
+@contextmanager
+def run_ends_cleanly(folder, record, dry_run):
+    """Whatever stops a training run early, its record says so and one message says what is kept and how to go on.
+
+    Ctrl-C / SIGTERM: exit code 130. A write that fails (full disk, folder removed) or a loss that turns NaN: a
+    UserError, so the script prints one line and exits non-zero. The last whole checkpoint is never touched."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _mark(folder, record, "stopped")
+        print(f"\nStopped {_when(record)}. {_kept(folder, record, dry_run)}", file=sys.stderr)
+        sys.exit(130)
+    except NonFiniteLoss as error:
+        _mark(folder, record, "failed")
+        raise UserError(f"{error} {_when(record)}: the learning rate ({record['hyperparameters']['LR']}) is "
+                        f"probably too high; try a lower --lr. {_kept(folder, record, dry_run, resume=False)}") from None
+    except OSError as error:
+        _mark(folder, record, "failed")
+        name = error.filename or f"in {folder}"
+        raise UserError(f"could not write {name} {_when(record)}: {error.strerror or error}. "
+                        f"{_kept(folder, record, dry_run)}") from None
+
+
+def _when(record):
+    return "after the last epoch" if record["status"] == "finished" else f"in epoch {record['epochs_done'] + 1}"
+
+
+def _mark(folder, record, status):
+    if record["status"] == "finished":
+        return  # the model is saved: what failed after it (a figure) does not unfinish the run
+    record["status"] = status
+    try:
+        with uninterrupted():
+            save_record(folder, record)
+    except OSError:
+        pass  # the folder itself may be what failed; the message says what is kept
+
+
+def _kept(folder, record, dry_run, resume=True):
+    checkpoint_path = os.path.join(folder, CHECKPOINT)
+    if record["status"] == "finished":
+        return f"The run is finished: its model is in {os.path.join(folder, FINAL_MODEL)}."
+    if record["epochs_done"] == 0 or not os.path.isfile(checkpoint_path):
+        return "No epoch's checkpoint is kept, so there is nothing to resume."
+    kept = f"The checkpoint of epoch {record['epochs_done']} is kept in {checkpoint_path}."
+    return kept + (f" Resume with: {resume_command(checkpoint_path, dry_run)}" if resume else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --compare: runs side by side.
+
+def run_folders(parent):
+    """The folders directly under `parent` that hold a run's record, oldest first."""
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        raise UserError(f"no runs to compare: cannot read {parent}") from None
+    return [os.path.join(parent, name) for name in names if os.path.exists(os.path.join(parent, name, RECORD))]
+
+
+def read_history(folder):
+    try:
+        with open(os.path.join(folder, METRICS)) as f:
+            return [{key: (int(value) if key == "epoch" else float(value)) for key, value in row.items()}
+                    for row in csv.DictReader(f)]
+    except (OSError, ValueError):
+        return []
+
+
+def run_status(folder, record):
+    """The record's status, except that a 'running' run whose lock nobody holds was killed."""
+    if record["status"] == "running" and not is_locked(folder):
+        return "killed"
+    return record["status"]
+
+
+def compare(folders, out_dir):
+    """Prints a table of the runs in `folders` (default: every run in out_dir) and writes comparison.png and
+    comparison.csv into out_dir. Returns the rows of the table."""
+    folders = folders or run_folders(out_dir)
+    runs = []
+    for folder in folders:
+        record = read_record(folder)
+        if record is None:
+            print(f"skipped {folder}: no readable {RECORD}")
+        elif record.get("mode", "train") != "train":
+            print(f"skipped {folder}: {record['mode']}, not a training run")
+        else:
+            runs.append((folder, record, read_history(folder)))
+    if not runs:
+        raise UserError(f"no runs to compare in {', '.join(folders) if folders else out_dir}")
+    all_settings = [record["hyperparameters"] for _, record, _ in runs]
+    differ = [name for name in all_settings[0] if name not in PLACES
+              and len({json.dumps(hp.get(name)) for hp in all_settings}) > 1]
+    rows = []
+    for folder, record, history in runs:
+        status = run_status(folder, record)
+        rows.append({
+            "run": os.path.basename(os.path.normpath(folder)), "model": record["model"],
+            **{name.lower(): record["hyperparameters"].get(name) for name in differ},
+            "epochs": f"{record['epochs_done']}/{record['epochs_planned']}",
+            "status": status + ("" if status == "finished" else " *"),
+            "final_acc": _percent(record["final_test_acc"]), "best_acc": _percent(record["best_test_acc"]),
+            "best_epoch": record["best_epoch"] or "", "seconds": round(record["seconds"]),
+        })
+    _print_table(rows)
+    if any(row["status"].endswith("*") for row in rows):
+        print("* unfinished: still running, stopped, failed or killed")
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, png_path = os.path.join(out_dir, COMPARISON_CSV), os.path.join(out_dir, COMPARISON_PNG)
+    atomic_write(csv_path, lambda f: f.write(_csv_text(rows).encode()))
+    plot_comparison([{"label": row["run"] + "".join(f", {name}={row[name]}" for name in map(str.lower, differ)),
+                      "history": history, "finished": record["status"] == "finished"}
+                     for row, (_, record, history) in zip(rows, runs)], png_path)
+    print(f"Saved: {png_path}, {csv_path}")
+    return rows
+
+
+def _percent(value):
+    return "" if value is None else f"{value:.2f}"
+
+
+def _print_table(rows):
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(row[c])) for row in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+
+
+def _csv_text(rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
