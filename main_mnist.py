@@ -122,12 +122,12 @@ def train_run(args, device):
 
 def report_test_set(model, device, test_loader, amp, folder):
     """Per-class accuracy on the console; the misclassified grid and the confusion matrix as figures."""
-    predictions, labels = predict(model, device, test_loader, amp)
-    matrix = confusion_matrix(predictions, labels)
+    probabilities, labels = predict(model, device, test_loader, amp)
+    matrix = confusion_matrix(probabilities.argmax(dim=1), labels)
     accuracies = per_class_accuracy(matrix)
     print("Per-class test accuracy: " + "  ".join(f"{digit}: {acc:.2f}%" for digit, acc in enumerate(accuracies)))
     with runs.uninterrupted():
-        plot_misclassified(test_loader.images, predictions, labels, os.path.join(folder, runs.MISCLASSIFIED))
+        plot_misclassified(test_loader.images, probabilities, labels, os.path.join(folder, runs.MISCLASSIFIED))
         plot_confusion_matrix(matrix, os.path.join(folder, runs.CONFUSION))
 
 

@@ -11,6 +11,7 @@ import socket
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 from torchsummary import summary
 from torchvision import datasets
 from tqdm import tqdm
@@ -267,14 +268,15 @@ def test(model, device, test_loader, criterion, amp=False):
 
 
 def predict(model, device, loader, amp=False):
-    """(predicted labels, true labels) for every sample of `loader`, in its order, as CPU tensors."""
+    """(probabilities, true labels) for every sample of `loader`, in its order, as CPU tensors:
+    float32 [N, 10], the softmax of the model's output, and int64 [N]."""
     model.eval()
-    predictions, labels = [], []
+    probabilities, labels = [], []
     with torch.inference_mode(), autocast(device, amp):
         for data, target in loader:
-            predictions.append(model(data.to(device)).argmax(dim=1).cpu())
+            probabilities.append(model(data.to(device)).float().softmax(dim=1).cpu())
             labels.append(target.cpu())
-    return torch.cat(predictions), torch.cat(labels)
+    return torch.cat(probabilities), torch.cat(labels)
 
 
 def model_summary(model, input_size=(1, 28, 28)):
@@ -329,20 +331,192 @@ def save_figure(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
 
 
+# Curves. Accuracies are drawn as error rates (100 - accuracy) on an inverted log axis labelled in accuracy: going
+# from 99.0% to 99.5% halves the errors, and gets as much room as going from 80% to 90%, so the late epochs' tenths
+# of a percent stay apart. Losses go on a log axis for the same reason.
+
+# An accuracy of 100% is drawn at this error rate (%), as log(0) cannot be, and labelled 100: half of one test
+# image in 10,000, so it stays apart from 99.99%.
+ERROR_FLOOR = 0.005
+LOSS_FLOOR = 1e-6  # a loss of 0 (a dry run can score one) is drawn there
+ERROR_RANGE = 2.5  # the accuracy axis reaches down to at least this many times the best error rate
+TICK_MANTISSAS = ((1,), (1, 2, 5), (1, 2, 3, 5, 7), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9))  # log-axis ticks, coarse to fine
+METRICS_PANELS = [("train_loss", "Training Loss"), ("test_loss", "Test Loss"),
+                  ("train_acc", "Training Accuracy"), ("test_acc", "Test Accuracy")]
+
+
+def _error(accuracy):
+    return max(100 - accuracy, ERROR_FLOOR)
+
+
+def _nice(value, up):
+    """The nearest value of the form m x 10^k (m in 1..9) above (up) or below `value`: log axes end on a tick."""
+    k = math.floor(math.log10(value))
+    candidates = [float(f"{m}e{e}") for e in (k, k + 1) for m in range(1, 10)]  # via text: 0.7, not 0.7000000001
+    if up:
+        return min(c for c in candidates if c >= value * (1 - 1e-9))
+    return max(c for c in candidates if c <= value * (1 + 1e-9))
+
+
+def _log_ticks(low, high):
+    """Tick values from low to high: the coarsest of TICK_MANTISSAS giving 5 or more, thinned to about 10."""
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for mantissas in TICK_MANTISSAS:
+        values = (float(f"{m}e{e}") for e in decades for m in mantissas)
+        ticks = [v for v in values if low * (1 - 1e-9) <= v <= high * (1 + 1e-9)]
+        if len(ticks) >= 5:
+            break
+    return ticks[::max(1, math.ceil(len(ticks) / 10))]
+
+
+def _log_axis(ax, bottom, top, label, least=0.0):
+    """A log y axis from bottom to top (top < bottom inverts it), ticked at _log_ticks from `least` up, each tick
+    labelled label(value)."""
+    ax.set_yscale("log")
+    ax.set_ylim(bottom, top)
+    ticks = _log_ticks(min(bottom, top), max(bottom, top))
+    ax.yaxis.set_major_locator(FixedLocator([tick for tick in ticks if tick >= least * (1 - 1e-9)]))
+    ax.yaxis.set_minor_locator(NullLocator())  # matplotlib's minor labels would mix 2x10^-2 with our 0.02
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: label(value)))
+
+
+def _loss_panel(ax, curves):
+    """Draws curves, [(epochs, losses, plot style)], on a log axis."""
+    values = [max(v, LOSS_FLOOR) for _, losses, _ in curves for v in losses]
+    low = _nice(min(values) / 1.15, up=False)
+    high = max(_nice(max(values) * 1.15, up=True), _nice(3 * low, up=True))  # a flat curve still gets a few ticks
+    _log_axis(ax, low, high, lambda loss: f"{loss:g}")
+    for epochs, losses, style in curves:
+        ax.plot(epochs, [max(v, LOSS_FLOOR) for v in losses], **style)
+    ax.set_ylabel("loss (log scale)")
+
+
+def _accuracy_panel(ax, curves):
+    """Draws curves, [(epochs, accuracies in %, plot style)], on the accuracy axis (see above); returns the lines.
+
+    The axis spans the best error rate and ERROR_RANGE times it, or more if a curve's later epochs (the later half
+    of the longest curve's) need it; earlier points below its bottom are drawn on the bottom edge as a ▼, and the
+    y label says from where. So neither a first epoch at 50% nor a short run hides the spread at the top."""
+    errors = [[_error(a) for a in accuracies] for _, accuracies, _ in curves]
+    best = min(min(e) for e in errors)
+    last_epoch = max(max(epochs) for epochs, _, _ in curves)
+    worst_late = max(error for (epochs, _, _), curve_errors in zip(curves, errors)
+                     for epoch, error in zip(epochs, curve_errors) if epoch > last_epoch / 2)
+    bottom = min(_nice(max(ERROR_RANGE * best, 1.1 * worst_late), up=True), 100)
+    _log_axis(ax, bottom, _nice(best / 1.15, up=False), least=ERROR_FLOOR,
+              label=lambda error: "100" if error <= ERROR_FLOOR * (1 + 1e-9) else f"{100 - error:.6g}")
+    lines = []
+    for (epochs, _, style), curve_errors in zip(curves, errors):
+        line, = ax.plot(epochs, curve_errors, **style)
+        below = [epoch for epoch, error in zip(epochs, curve_errors) if error > bottom]
+        if below:
+            ax.plot(below, [bottom] * len(below), "v", color=line.get_color(), clip_on=False, gid="below")
+        lines.append(line)
+    clipped = any(error > bottom for curve_errors in errors for error in curve_errors)
+    ax.set_ylabel("accuracy (%), log scale of errors" + (f"\n▼ below {100 - bottom:.6g}%" if clipped else ""))
+    return lines
+
+
+def _epoch_axis(ax, epochs):
+    ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # else a 1-epoch axis gets 0.9, 1.1
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+
+
+def _best(history):
+    """The row with the best test accuracy; the earliest of equals."""
+    return max(history, key=lambda row: row["test_acc"])
+
+
+def _mark_best(ax, history, color):
+    row = _best(history)
+    ax.plot(row["epoch"], _error(row["test_acc"]), "*", color=color, markersize=15, markeredgecolor="black",
+            gid="best", label=f"best {row['test_acc']:.2f}% (epoch {row['epoch']})")
+
+
+def lr_events(history):
+    """[(x, text)]: where the learning rate schedule turns, to draw a vertical line at x and say text.
+
+    A step schedule (lr constant but for a few epochs) gets each change, drawn on the boundary before the
+    epoch that first trains with the new lr. A schedule that changes the lr at most epochs (one-cycle) gets its
+    peak, at the epoch with the highest lr."""
+    lrs = [row["lr"] for row in history]
+    changes = [i for i in range(1, len(lrs)) if not math.isclose(lrs[i], lrs[i - 1], rel_tol=1e-6)]
+    if len(lrs) >= 3 and len(changes) > (len(lrs) - 1) / 2:
+        peak = max(history, key=lambda row: row["lr"])
+        return [(peak["epoch"], f"lr peak {peak['lr']:.3g} at epoch {peak['epoch']}")]
+    return [(history[i]["epoch"] - 0.5, f"lr {lrs[i - 1]:.3g} → {lrs[i]:.3g} from epoch {history[i]['epoch']}")
+            for i in changes]
+
+
 def plot_metrics(history, path, title=""):
-    """The original's 2x2 figure: training loss, test loss, training accuracy, test accuracy per epoch."""
+    """The original's 2x2 figure (training loss, test loss, training accuracy, test accuracy per epoch), with
+    log loss and accuracy axes, the final and best test accuracy written above, the best epoch starred and the
+    learning rate's changes drawn as dotted lines. history: metrics.csv's rows as dicts, at least one.
+    Saves it to `path` and returns the Figure."""
     epochs = [row["epoch"] for row in history]
+    events = lr_events(history)
     fig = Figure(figsize=(15, 10))
-    axs = fig.subplots(2, 2)
-    panels = [("train_loss", "Training Loss"), ("test_loss", "Test Loss"),
-              ("train_acc", "Training Accuracy"), ("test_acc", "Test Accuracy")]
-    for ax, (key, title) in zip(axs.flat, panels):
-        ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%)" if key.endswith("acc") else "loss")
-        ax.grid(alpha=0.3)
+    axs = fig.subplots(2, 2, gridspec_kw=dict(top=0.88, hspace=0.3, wspace=0.22))
+    for ax, (key, name) in zip(axs.flat, METRICS_PANELS):
+        curve = [(epochs, [row[key] for row in history], dict(marker="o", markersize=3))]
+        (_accuracy_panel if key.endswith("acc") else _loss_panel)(ax, curve)
+        ax.set_title(name)
+        _epoch_axis(ax, epochs)
+        for x, _ in events:
+            ax.axvline(x, color="gray", linestyle=":", linewidth=1.5, gid="lr-change")
+    test_ax = axs[1, 1]
+    _mark_best(test_ax, history, "gold")
+    test_ax.legend(loc="best")
+    best = _best(history)
+    summary = [f"test accuracy: final {history[-1]['test_acc']:.2f}%",
+               f"best {best['test_acc']:.2f}% (epoch {best['epoch']})"]
+    summary += [text + " (dotted line)" for _, text in events]
+    fig.suptitle(title, y=0.975, fontsize=15)
+    fig.text(0.5, 0.93, " | ".join(summary), ha="center", fontsize=12)
     save_figure(fig, path)
+    return fig
+
+
+def _run_label(run):
+    history = run["history"]
+    best = _best(history)
+    return (f"{run['label']}{'' if run['finished'] else ' (unfinished)'}: final {history[-1]['test_acc']:.2f}%, "
+            f"best {best['test_acc']:.2f}% (epoch {best['epoch']})")
+
+
+def plot_comparison(runs, path, title="Run comparison"):
+    """Test accuracy and test loss per epoch of several runs, one line each, on the same axes as plot_metrics.
+
+    runs: [{"label": what sets the run apart, "history": metrics.csv's rows, "finished": bool}]; unfinished runs
+    are dashed and say so in the legend, which also gives each run's final and best test accuracy. Runs without
+    a row are left out. Saves the figure to `path` and returns it."""
+    runs = [run for run in runs if run["history"]]
+    if not runs:
+        raise ValueError("none of the runs has an epoch to plot")
+    fig = Figure(figsize=(15, 6), layout="constrained")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    accuracy_curves, loss_curves = [], []
+    for i, run in enumerate(runs):
+        epochs = [row["epoch"] for row in run["history"]]
+        style = dict(color=f"C{i}", marker="o", markersize=3, linestyle="-" if run["finished"] else "--",
+                     label=_run_label(run))  # colours by hand, so a run has the same one in both panels
+        accuracy_curves.append((epochs, [row["test_acc"] for row in run["history"]], style))
+        loss_curves.append((epochs, [row["test_loss"] for row in run["history"]], style))
+    lines = _accuracy_panel(acc_ax, accuracy_curves)
+    _loss_panel(loss_ax, loss_curves)
+    for i, run in enumerate(runs):
+        _mark_best(acc_ax, run["history"], f"C{i}")
+    epochs = [row["epoch"] for run in runs for row in run["history"]]
+    for ax, name in ((acc_ax, "Test Accuracy"), (loss_ax, "Test Loss")):
+        ax.set_title(name)
+        _epoch_axis(ax, epochs)
+    fig.legend(handles=lines, loc="outside lower center", ncol=1 if len(runs) <= 3 else 2,
+               title="★ best epoch of each run")
+    fig.suptitle(title, fontsize=15)
+    save_figure(fig, path)
+    return fig
 
 
 def confusion_matrix(predictions, labels, classes=10):
@@ -375,29 +549,25 @@ def plot_confusion_matrix(matrix, path):
     save_figure(fig, path)
 
 
-def plot_misclassified(images, predictions, labels, path, count=25):
-    """A grid of the first `count` misclassified images (uint8 [N, 28, 28]) with true and predicted labels."""
-    wrong = (predictions != labels).nonzero().flatten()[:count].tolist()
+def plot_misclassified(images, probabilities, labels, path, count=25):
+    """A grid of the `count` misclassified images (uint8 [N, 28, 28]) the model was surest of, surest first, each
+    with its true label, the prediction and the probability given to it. probabilities: float [N, 10].
+    Saves the figure to `path` and returns it."""
+    confidence, predictions = probabilities.max(dim=1)
+    wrong = (predictions != labels).nonzero().flatten()
+    shown = wrong[confidence[wrong].argsort(descending=True, stable=True)][:count].tolist()
     columns = 5
-    rows = max(1, math.ceil(len(wrong) / columns))
-    fig = Figure(figsize=(2 * columns, 2.2 * rows))
+    rows = max(1, math.ceil(len(shown) / columns))
+    fig = Figure(figsize=(2 * columns, 2.3 * rows), layout="constrained")
     axs = fig.subplots(rows, columns, squeeze=False)
     for ax in axs.flat:
         ax.axis("off")
-    for ax, i in zip(axs.flat, wrong):
+    for ax, i in zip(axs.flat, shown):
         ax.imshow(images[i].cpu().numpy(), cmap="gray_r")
-        ax.set_title(f"#{i}: true {int(labels[i])}, said {int(predictions[i])}", fontsize=9)
-    fig.suptitle(f"{int((predictions != labels).sum())} misclassified test images; the first {len(wrong)}")
-    save_figure(fig, path)
-
-
-def plot_comparison(runs, path, title="Run comparison"):
-    fig = Figure(figsize=(14, 5))
-    axs = fig.subplots(1, 2)
-    for run in runs:
-        epochs = [row["epoch"] for row in run["history"]]
-        axs[0].plot(epochs, [row["test_acc"] for row in run["history"]], label=run["label"])
-        axs[1].plot(epochs, [row["test_loss"] for row in run["history"]], label=run["label"])
-    axs[0].legend()
+        # Rounded down, so a 99.7% sure mistake does not read as a certain one.
+        percent = math.floor(100 * float(confidence[i]))
+        ax.set_title(f"true {int(labels[i])}, said {int(predictions[i])} ({percent}%)\n#{i}", fontsize=9)
+    fig.suptitle(f"{len(wrong)} of {len(labels)} test images misclassified; "
+                 f"the {len(shown)} most confident mistakes, most confident first")
     save_figure(fig, path)
     return fig
