@@ -15,8 +15,8 @@ import torch.optim as optim
 import runs
 from model import MODELS
 from utils import (UserError, NonFiniteLoss, pick_device, bfloat16_is_fast, get_trainloader, get_testloader,
-                   train, test, predict, model_summary, confusion_matrix, per_class_accuracy, plot_confusion_matrix,
-                   plot_misclassified)
+                   describe_data, data_visualization, train, test, predict, model_summary, find_lr, plot_lr_finder,
+                   confusion_matrix, per_class_accuracy, plot_confusion_matrix, plot_misclassified)
 
 # ---- Hyperparameters: the original's recipe. Edit them here, or override any with its flag (see --help). ----
 MODEL = "Net"            # model class of model.py to train; choosing one applies its recipe, RECIPES below
@@ -48,17 +48,18 @@ RECIPES = {
 }
 
 
-def build_optimizer(model, hp, steps_per_epoch):
-    """SGD with momentum, and its schedule: StepLR steps once per epoch, OneCycleLR once per batch."""
-    optimizer = optim.SGD(model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"], nesterov=hp["NESTEROV"],
-                          weight_decay=hp["WEIGHT_DECAY"])
+def build_optimizer(model, hp):
+    return optim.SGD(model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"], nesterov=hp["NESTEROV"],
+                     weight_decay=hp["WEIGHT_DECAY"])
+
+
+def build_scheduler(optimizer, hp, steps_per_epoch):
+    """StepLR steps once per epoch, OneCycleLR once per batch."""
     if hp["SCHEDULE"] == "onecycle":
-        scheduler = optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp["LR"], epochs=hp["EPOCHS"],
-                                                  steps_per_epoch=steps_per_epoch, max_momentum=hp["MOMENTUM"],
-                                                  base_momentum=max(0.0, hp["MOMENTUM"] - 0.1))
-    else:
-        scheduler = optim.lr_scheduler.StepLR(optimizer, step_size=hp["STEP_SIZE"], gamma=hp["GAMMA"])
-    return optimizer, scheduler
+        return optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp["LR"], epochs=hp["EPOCHS"],
+                                             steps_per_epoch=steps_per_epoch, max_momentum=hp["MOMENTUM"],
+                                             base_momentum=max(0.0, hp["MOMENTUM"] - 0.1))
+    return optim.lr_scheduler.StepLR(optimizer, step_size=hp["STEP_SIZE"], gamma=hp["GAMMA"])
 
 
 def train_run(args, device):
@@ -80,11 +81,17 @@ def train_run(args, device):
     max_batches = 1 if args.dry_run else None
     train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, max_batches)
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, max_batches)
+    print(describe_data(train_loader.images, test_loader.images))
+    samples = os.path.join(folder, runs.SAMPLES)
+    if not os.path.exists(samples):  # a resumed run keeps the one it drew at its start
+        with runs.uninterrupted():
+            data_visualization(train_loader, samples)
 
     # Model, its summary, the optimizer and the learning-rate schedule
     model = MODELS[hp["MODEL"]]().to(device, memory_format=torch.channels_last)
     model_summary(model)
-    optimizer, scheduler = build_optimizer(model, hp, len(train_loader))
+    optimizer = build_optimizer(model, hp)
+    scheduler = build_scheduler(optimizer, hp, len(train_loader))
     batch_scheduler = scheduler if hp["SCHEDULE"] == "onecycle" else None
 
     record = runs.read_record(folder) if checkpoint else None
@@ -151,6 +158,32 @@ def evaluate_only(args, device):
     runs.save_record(folder, record)
 
 
+def find_learning_rate(args, device):
+    """An LR range test of the model with its recipe's optimizer, batch size, augmentation and precision, in a
+    folder of its own; nothing is trained for keeps and no model is saved."""
+    hp = runs.settings(args, SETTINGS, RECIPES)
+    folder = runs.open_run_folder(args, hp, kind="find-lr")
+    print(f"Run folder: {folder}")
+    torch.manual_seed(hp["SEED"])
+    amp = hp["AMP"] and bfloat16_is_fast(device)
+    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device)
+    model = MODELS[hp["MODEL"]]().to(device, memory_format=torch.channels_last)
+    record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="find-lr")
+    steps = 20 if args.dry_run else 100
+    print(f"LR range test of {hp['MODEL']}: {steps} batches of {hp['BATCH_SIZE']}, lr from 1e-07 to 10")
+    try:
+        result = find_lr(model, build_optimizer(model, hp), train_loader, F.nll_loss, device, amp, num_iter=steps)
+    except ValueError as error:  # it diverged at once: too few steps to suggest anything
+        raise UserError(str(error)) from None
+    plot_path = os.path.join(folder, runs.LR_PLOT)
+    with runs.uninterrupted():
+        plot_lr_finder(result, plot_path, title=f"{os.path.basename(folder)}: {hp['MODEL']}, batch {hp['BATCH_SIZE']}")
+        record.update(status="finished", suggested_lr=result["suggested_lr"], rule=result["rule"])
+        runs.save_record(folder, record)
+    print(f"Suggested: --lr {result['suggested_lr']:.3g}, by the rule: {result['rule']}.\n"
+          f"The smoothed loss was lowest at lr {result['min_loss_lr']:.3g}. Saved: {plot_path}")
+
+
 def main(argv=None):
     args = runs.parse_args(argv, SETTINGS, RECIPES, runs.setting_comments(__file__))
     device = pick_device()
@@ -164,6 +197,8 @@ def main(argv=None):
                 runs.compare(args.compare, runs.settings(args, SETTINGS, RECIPES)["OUT_DIR"])
             elif args.eval_only:
                 evaluate_only(args, device)
+            elif args.find_lr:
+                find_learning_rate(args, device)
             else:
                 train_run(args, device)
     except UserError as error:

@@ -3,7 +3,6 @@ import csv
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -213,7 +212,7 @@ def test_a_real_full_filesystem_gives_the_same_message(tiny_mnist, tmp_path):
     try:
         out_dir = mount_point / "exp"
         message = exit_message(["--data-dir", tiny_mnist, *FAST, "--epochs", "5", "--out-dir", str(out_dir)])
-        assert message.startswith(f"error: could not write") and "No space left on device" in message
+        assert message.startswith("error: could not write") and "No space left on device" in message
         assert "\n" not in message
         kept = torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"]  # Net's checkpoint is 4.8 MB
         assert f"The checkpoint of epoch {kept} is kept" in message
@@ -235,7 +234,7 @@ def test_a_folder_removed_during_the_run_gives_one_line(tiny_mnist, tmp_path, mo
     monkeypatch.setattr(runs, "save_epoch", save_epoch_then_remove_the_folder)
     message = exit_message(["--data-dir", tiny_mnist, *FAST, "--epochs", "3", "--out-dir", str(out_dir)])
     monkeypatch.undo()
-    assert message.startswith(f"error: could not write") and "No such file or directory" in message
+    assert message.startswith("error: could not write") and "No such file or directory" in message
     assert "nothing to resume" in message and "\n" not in message
 
 

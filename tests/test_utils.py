@@ -1,8 +1,9 @@
-import gzip
+import math
 import os
 import time
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -129,6 +130,27 @@ def test_batches_are_channels_last_and_augmented_only_for_training():
     assert not torch.allclose(plain, augmented)
 
 
+def test_describe_data_gives_shapes_and_exact_pixel_statistics():
+    train = torch.tensor([[[0, 255], [255, 0]], [[0, 255], [255, 0]]], dtype=torch.uint8)  # half 0, half 255
+    test = torch.full((3, 2, 2), 51, dtype=torch.uint8)
+    lines = utils.describe_data(train, test).splitlines()
+    assert lines[0] == "Training set: [2, 2, 2] uint8, 8 pixels"
+    assert lines[1] == "  raw 0-255:  min 0, max 255, mean 127.5000, std 127.5000"
+    assert lines[2] == "  scaled 0-1: min 0.0000, max 1.0000, mean 0.5000, std 0.5000"
+    assert lines[3] == "Test set: [3, 2, 2] uint8, 12 pixels"
+    assert lines[4] == "  raw 0-255:  min 51, max 51, mean 51.0000, std 0.0000"
+    assert lines[5] == "  scaled 0-1: min 0.2000, max 0.2000, mean 0.2000, std 0.0000"
+    assert "Normalize((0.1307,), (0.3081,))" in lines[6]
+
+
+def test_describe_data_matches_float64_statistics_over_many_chunks():
+    images = smooth_digits(10_000)[:, 0]  # more images than one chunk of the histogram
+    pixels = images.double()
+    text = utils.describe_data(images, images[:10])
+    assert f"mean {pixels.mean():.4f}, std {pixels.std(unbiased=False):.4f}" in text
+    assert f"mean {pixels.mean() / 255:.4f}, std {pixels.std(unbiased=False) / 255:.4f}" in text
+
+
 # ---- Training and evaluation ----
 
 def test_get_correct_pred_count_counts_argmax_matches():
@@ -193,6 +215,57 @@ def test_model_summary_prints_torchsummarys_table_for_a_cpu_model(capsys):
     model_summary(Net())
     out = capsys.readouterr().out
     assert "Total params: 593,200" in out and "Conv2d-1" in out and "[-1, 10]" in out
+
+
+# ---- Learning-rate range test ----
+
+def tiny_net():
+    """A convolution, batch norm (whose running statistics a range test changes) and a linear classifier."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                         nn.Linear(64, 10), nn.LogSoftmax(dim=1))
+
+
+def test_find_lr_sweeps_exponentially_and_leaves_the_model_and_optimizer_as_they_were(tiny_mnist, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_net().to(memory_format=torch.channels_last)
+    model.eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = get_trainloader(tiny_mnist, batch_size=16)  # 4 batches: the test restarts it
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+
+    result = utils.find_lr(model, optimizer, loader, F.nll_loss, "cpu", amp=True, start_lr=1e-5, end_lr=1,
+                           num_iter=20)
+    lrs = torch.tensor(result["lrs"], dtype=torch.float64)
+    assert lrs[0] == pytest.approx(1e-5) and len(lrs) <= 20
+    assert torch.allclose(lrs[1:] / lrs[:-1], torch.tensor(10 ** (5 / 19), dtype=torch.float64))  # x 10^5 in 19 steps
+    assert len(result["losses"]) == len(lrs) and all(math.isfinite(loss) for loss in result["losses"])
+    assert 0 < result["suggested_lr"] < 1 and result["suggested_lr"] == pytest.approx(result["min_loss_lr"] / 10)
+    assert "lowest" in result["rule"]
+
+    assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
+    assert optimizer.param_groups[0]["lr"] == 0.01 and not optimizer.state  # no momentum left behind
+    assert "initial_lr" not in optimizer.param_groups[0]  # a scheduler can still be attached
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    fig = utils.plot_lr_finder(result, tmp_path / "lr.png", title="tiny net")
+    assert_png(tmp_path / "lr.png")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_title() == "tiny net"
+    assert any(f"suggested lr {result['suggested_lr']:.3g}" in text.get_text() for text in ax.get_legend().texts)
+    assert result["rule"] in fig.texts[0].get_text()
+
+
+def test_lr_suggestion_is_a_tenth_of_the_lowest_loss_and_ignores_what_follows_a_nan():
+    lrs = [10 ** (i / 10 - 5) for i in range(40)]
+    losses = [2.0 - 0.03 * i if i < 25 else 1.25 + 0.2 * (i - 25) for i in range(40)]  # lowest at i = 25
+    losses[30:] = [float("nan")] * 10
+    result = utils._suggest_lr(lrs, losses, num_iter=40)
+    assert result["min_loss_lr"] == lrs[25] and result["suggested_lr"] == pytest.approx(lrs[25] / 10)
+    assert result["lrs"] == lrs[:30] and result["losses"] == losses[:30]
+    with pytest.raises(ValueError, match="diverged after 5 of 100 steps"):
+        utils._suggest_lr(lrs[:5], losses[:5], num_iter=100)
 
 
 # ---- Files and figures ----
@@ -426,6 +499,23 @@ def test_misclassified_shows_count_images_at_most(tmp_path):
     fig = utils.plot_misclassified(smooth_digits(40)[:, 0], probabilities, labels, tmp_path / "wrong.png", count=7)
     assert len([ax for ax in fig.axes if ax.get_title()]) == 7
     assert fig.texts[0].get_text().startswith("40 of 40")
+
+
+def test_data_visualization_shows_a_batch_as_the_model_gets_it_unnormalized_and_labelled(tmp_path):
+    images, labels = smooth_digits(12)[:, 0], torch.arange(12) % 10
+    fig = utils.data_visualization(MnistBatches(images, labels, batch_size=12), tmp_path / "plain.png", count=10)
+    assert_png(tmp_path / "plain.png")
+    shown = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in shown] == [str(label) for label in labels[:10].tolist()]
+    for ax, image in zip(shown, images):
+        assert np.allclose(ax.images[0].get_array(), image.numpy() / 255, atol=1e-6)  # normalization undone
+
+    loader = MnistBatches(images, labels, batch_size=12, shuffle=True, augment=True)
+    fig = utils.data_visualization(loader, tmp_path / "augmented.png")
+    assert_png(tmp_path / "augmented.png")
+    pixels = np.stack([ax.images[0].get_array() for ax in fig.axes if ax.images])
+    assert len(pixels) == 12 and -1e-6 < pixels.min() and pixels.max() < 1 + 1e-6
+    assert "augmented training images" in fig._suptitle.get_text()
 
 
 def test_confusion_matrix_and_per_class_accuracy():
