@@ -100,6 +100,7 @@ def train_run(args, device):
     history = []
     if checkpoint is not None:
         history = runs.restore(checkpoint, model, optimizer, scheduler)
+        runs.record_epochs(record, history)  # the checkpoint is the truth, should run.json lag (a killed run)
         print(f"Resuming {hp['MODEL']} from {args.resume} after epoch {checkpoint['epoch']}")
     title = f"{os.path.basename(folder)}: {hp['MODEL']}"
 

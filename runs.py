@@ -443,11 +443,11 @@ def save_epoch(folder, record, model, optimizer, scheduler, history, title):
     checkpoint = dict(hyperparameters=record["hyperparameters"], epoch=history[-1]["epoch"], model=model.state_dict(),
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history,
                       rng=rng_states())
-    record_epochs(record, history)
     with uninterrupted():
         atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(checkpoint, f))
+        record_epochs(record, history)  # only now: epochs_done is what the checkpoint on disk holds
         write_metrics(history, os.path.join(folder, METRICS))
-        plot_metrics(history, os.path.join(folder, PLOT), title=title)
+        plot_metrics(history, os.path.join(folder, PLOT), title, record["hyperparameters"]["SCHEDULE"])
         save_record(folder, record)
 
 

@@ -528,17 +528,20 @@ def _mark_best(ax, history, color):
             gid="best", label=f"best {row['test_acc']:.2f}% (epoch {row['epoch']})")
 
 
-def lr_events(history):
+def lr_events(history, schedule=None):
     """[(x, text)]: where the learning rate schedule turns, to draw a vertical line at x and say text.
 
-    A step schedule (lr constant but for a few epochs) gets each change, drawn on the boundary before the
-    epoch that first trains with the new lr. A schedule that changes the lr at most epochs (one-cycle) gets its
-    peak, at the epoch with the highest lr."""
+    A step schedule gets each change, drawn on the boundary before the epoch that first trains with the new lr.
+    A one-cycle schedule gets its peak, at the epoch with the highest lr, once the lr has come down from it.
+    schedule: "step", "onecycle", or None to tell them apart from the lrs (one-cycle changes it at most epochs)."""
     lrs = [row["lr"] for row in history]
     changes = [i for i in range(1, len(lrs)) if not math.isclose(lrs[i], lrs[i - 1], rel_tol=1e-6)]
-    if len(lrs) >= 3 and len(changes) > (len(lrs) - 1) / 2:
+    if schedule is None:
+        schedule = "onecycle" if len(lrs) >= 3 and len(changes) > (len(lrs) - 1) / 2 else "step"
+    if schedule == "onecycle":
         peak = max(history, key=lambda row: row["lr"])
-        return [(peak["epoch"], f"lr peak {peak['lr']:.3g} at epoch {peak['epoch']}")]
+        past = peak is not history[-1]
+        return [(peak["epoch"], f"lr peak {peak['lr']:.3g} at epoch {peak['epoch']}")] if past else []
     return [(history[i]["epoch"] - 0.5, f"lr {lrs[i - 1]:.3g} → {lrs[i]:.3g} from epoch {history[i]['epoch']}")
             for i in changes]
 
@@ -562,13 +565,13 @@ def data_visualization(loader, path, count=32):
     return fig
 
 
-def plot_metrics(history, path, title=""):
+def plot_metrics(history, path, title="", schedule=None):
     """The original's 2x2 figure (training loss, test loss, training accuracy, test accuracy per epoch), with
     log loss and accuracy axes, the final and best test accuracy written above, the best epoch starred and the
     learning rate's changes drawn as dotted lines. history: metrics.csv's rows as dicts, at least one.
     Saves it to `path` and returns the Figure."""
     epochs = [row["epoch"] for row in history]
-    events = lr_events(history)
+    events = lr_events(history, schedule)
     fig = Figure(figsize=(15, 10))
     axs = fig.subplots(2, 2, gridspec_kw=dict(top=0.88, hspace=0.3, wspace=0.22))
     for ax, (key, name) in zip(axs.flat, METRICS_PANELS):

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -187,6 +188,8 @@ def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(real_data_dir, tmp_p
     assert resume_command in stderr
     done = torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"]
     assert len(read_metrics(out_dir)) == done >= 2
+    record = json.loads((out_dir / "run.json").read_text())
+    assert record["status"] == "stopped" and record["epochs_done"] == done
 
     main_mnist.main(resume_command.split()[2:] + ["--epochs", str(done + 1)])
     main_mnist.main(common + ["--epochs", str(done + 1), "--out-dir", str(tmp_path / "whole")])

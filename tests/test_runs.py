@@ -144,7 +144,7 @@ def test_a_killed_run_leaves_no_stale_lock_and_shows_as_killed(real_data_dir, tm
     main_mnist.main(["--compare", str(out_dir), "--out-dir", str(tmp_path)])
     assert "killed *" in capsys.readouterr().out
     done = torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"]
-    main_mnist.main(["--resume", str(out_dir / "checkpoint.pt"), "--epochs", str(done + 1)])  # the lock is free
+    main_mnist.main(["--resume", str(out_dir / "checkpoint.pt"), "--epochs", str(done + 1), "--dry-run"])  # lock free
     assert json.loads((out_dir / "run.json").read_text())["status"] == "finished"
 
 
@@ -172,14 +172,17 @@ def test_concurrent_atomic_writes_use_temporary_files_of_their_own(tmp_path):
 
 # ---- Failed writes ----
 
-def fail_writes_from(monkeypatch, call, error_number):
-    """Makes the `call`-th fsync of utils.atomic_write (and every later one) fail with `error_number`."""
-    calls = {"count": 0}
+def fail_writes(monkeypatch, name, error_number, after=0):
+    """Makes atomic writes of the file `name` fail with `error_number` once `after` of them have succeeded (and
+    every write to another file from then on, as on a disk that filled up)."""
     real_fsync = os.fsync
+    state = {"done": 0, "failing": False}
 
     def fsync(fd):
-        calls["count"] += 1
-        if calls["count"] >= call:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+            state["failing"] = state["failing"] or state["done"] == after
+            state["done"] += 1
+        if state["failing"]:
             raise OSError(error_number, os.strerror(error_number))
         real_fsync(fd)
 
@@ -188,8 +191,7 @@ def fail_writes_from(monkeypatch, call, error_number):
 
 def test_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(tiny_mnist, tmp_path, monkeypatch):
     out_dir = tmp_path / "exp"
-    # run.json, then per epoch: checkpoint, metrics, plot, run.json. The 6th write is epoch 2's checkpoint.
-    fail_writes_from(monkeypatch, 6, errno.ENOSPC)
+    fail_writes(monkeypatch, "checkpoint.pt", errno.ENOSPC, after=1)  # epoch 2's checkpoint finds the disk full
     message = exit_message(["--data-dir", tiny_mnist, *FAST, "--epochs", "3", "--out-dir", str(out_dir)])
     assert message == (f"error: could not write {out_dir / 'checkpoint.pt'} in epoch 2: No space left on device. "
                        f"The checkpoint of "

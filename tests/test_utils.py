@@ -426,6 +426,13 @@ def test_lr_events_of_two_drops_and_of_a_short_history():
     assert utils.lr_events(history(1)) == []
 
 
+def test_a_one_cycle_run_shows_no_peak_while_its_lr_is_still_rising():
+    rising = net_history(one_cycle_lrs(peak_epoch=6))[:2]
+    assert utils.lr_events(rising, "onecycle") == []
+    assert utils.lr_events(rising, "step") == [(1.5, "lr 0.00833 → 0.0167 from epoch 2")]
+    assert utils.lr_events(net_history(one_cycle_lrs(peak_epoch=6))[:8], "onecycle") == [(6, "lr peak 0.05 at epoch 6")]
+
+
 def comparison_runs():
     net = net_history()
     faster = [dict(row, test_acc=min(row["test_acc"] + 0.2, 99.6)) for row in net[:8]]

@@ -1,0 +1,94 @@
+"""Accuracy over seeds: trains a recipe once per seed (and precision), then tabulates the test accuracy.
+
+    python3 benchmarks/seeds.py --model Net --seeds 1 2 3 --precisions bfloat16 float32
+    python3 benchmarks/seeds.py --model CompactNet --seeds 1 2 3 4 5
+    python3 benchmarks/seeds.py --model Net --seeds 1 2 3 --table-only     # tabulate the runs already made
+
+Each run is `python3 main_mnist.py --model M --seed S [--no-amp] --out-dir OUT/M-<precision>-seed<S>`; a run whose
+folder already holds a model.pt is not trained again, and a stopped one is resumed, so the script can be stopped
+and started again. The table
+gives, per run, the final and best test accuracy, the accuracy in each of the last three epochs and the mean
+seconds per epoch, then min / mean / max per precision. It is made from each folder's metrics.csv.
+"""
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRECISION_FLAGS = {"bfloat16": [], "float32": ["--no-amp"]}
+
+
+def run_folder(out_dir, model, precision, seed):
+    return os.path.join(out_dir, f"{model}-{precision}-seed{seed}")
+
+
+def train(folder, model, precision, seed, extra):
+    """Trains one run into `folder`, or resumes it there if it was stopped."""
+    script = os.path.join(REPO, "main_mnist.py")
+    checkpoint = os.path.join(folder, "checkpoint.pt")
+    if os.path.exists(checkpoint):
+        command = [sys.executable, script, "--resume", checkpoint]
+    else:
+        command = [sys.executable, script, "--model", model, "--seed", str(seed), *PRECISION_FLAGS[precision],
+                   "--out-dir", folder, *extra]
+    print("running:", " ".join(command), flush=True)
+    with open(folder + ".log", "a") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def read_history(folder):
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
+
+
+def summary(history):
+    accuracies = [row["test_acc"] for row in history]
+    return {"final": accuracies[-1], "best": max(accuracies), "best_epoch": int(history[accuracies.index(max(accuracies))]["epoch"]),
+            "last3": accuracies[-3:], "seconds": statistics.mean(row["seconds"] for row in history)}
+
+
+def print_table(results):
+    """results: {(precision, seed): summary}. Markdown, ready for README."""
+    print("| precision | seed | last 3 epochs (%) | final (%) | best (%) (epoch) | s per epoch |")
+    print("|---|---|---|---|---|---|")
+    for (precision, seed), s in results.items():
+        print(f"| {precision} | {seed} | {' / '.join(f'{a:.2f}' for a in s['last3'])} | {s['final']:.2f} | "
+              f"{s['best']:.2f} ({s['best_epoch']}) | {s['seconds']:.1f} |")
+    for precision in dict.fromkeys(p for p, _ in results):
+        rows = [s for (p, _), s in results.items() if p == precision]
+        finals, bests = [s["final"] for s in rows], [s["best"] for s in rows]
+        lowest_late = min(min(s["last3"]) for s in rows)
+        print(f"| **{precision}**, {len(rows)} seeds | min / mean / max | lowest: {lowest_late:.2f} | "
+              f"{min(finals):.2f} / {statistics.mean(finals):.3f} / {max(finals):.2f} | "
+              f"{min(bests):.2f} / {statistics.mean(bests):.3f} / {max(bests):.2f} | "
+              f"{statistics.mean(s['seconds'] for s in rows):.1f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="Net")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISION_FLAGS), default=["bfloat16"])
+    parser.add_argument("--out-dir", default=os.path.join("outputs", "seeds"))
+    parser.add_argument("--table-only", action="store_true", help="train nothing: tabulate the finished runs")
+    args, extra = parser.parse_known_args()  # anything else goes to main_mnist.py (--data-dir DIR, ...)
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = {}
+    for precision in args.precisions:
+        for seed in args.seeds:
+            folder = run_folder(args.out_dir, args.model, precision, seed)
+            if not os.path.exists(os.path.join(folder, "model.pt")):
+                if args.table_only:
+                    print(f"not finished: {folder}")
+                    continue
+                train(folder, args.model, precision, seed, extra)
+            results[precision, seed] = summary(read_history(folder))
+    if results:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()
