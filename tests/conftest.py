@@ -86,3 +86,13 @@ def tiny_mnist(tmp_path, monkeypatch, no_network):
     data_dir = tmp_path / "data"
     write_tiny_mnist(data_dir, monkeypatch)
     return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_model(real_data_dir, tmp_path_factory):
+    """The model.pt of a CompactNet trained for one epoch on real MNIST (about 99% on the test set), trained once
+    for all the tests that read digits: 15 s on an idle 2-core CPU, a minute or more on a busy one."""
+    import main_mnist
+    folder = tmp_path_factory.mktemp("trained") / "run"
+    main_mnist.main(["--model", "CompactNet", "--epochs", "1", "--data-dir", real_data_dir, "--out-dir", str(folder)])
+    return str(folder / "model.pt")

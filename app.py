@@ -1,0 +1,95 @@
+"""Draw a digit and let the model read it: python3 app.py [--checkpoint PATH] [--port N], then open the address shown.
+
+A page on this computer only (127.0.0.1): a drawing pad, the model's top 3 answers, and the 28x28 image the model
+received, made from the drawing by utils.to_mnist as predict.py makes it from a file. Needs gradio
+(pip install -r requirements-demo.txt); the training scripts do not.
+"""
+import argparse
+import os
+import sys
+
+# Before gradio is imported: no usage statistics sent, and no reaching for the Hugging Face Hub. The page works
+# with no network at all.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import runs  # noqa: E402
+from predict import default_checkpoint  # noqa: E402
+from utils import UserError, pick_device, to_mnist, mnist_batch  # noqa: E402
+
+NOTHING_DRAWN = "Nothing drawn yet: draw a digit on the pad first."
+SHOWN_SCALE = 10  # the 28x28 image is shown 280x280, each pixel a sharp square rather than a browser-blurred one
+
+
+def read_drawing(model, device, drawing):
+    """(the top answers for gr.Label, the 28x28 image the model received, a one-line message) for the pad's value.
+
+    The pad sends {"background", "layers", "composite"}; composite is the drawing as an RGBA array (black ink on
+    opaque white), or None while nothing is drawn: before the brush is picked, before a stroke, after a clear."""
+    composite = drawing.get("composite") if drawing else None
+    if composite is None:
+        return None, None, NOTHING_DRAWN
+    try:
+        digit = to_mnist(composite, name="the drawing")
+    except UserError:  # a pad with no ink on it
+        return None, None, NOTHING_DRAWN
+    with torch.inference_mode():
+        probs = model(mnist_batch(digit).to(device)).float().exp()[0].cpu()  # the models return log-probabilities
+    best = int(probs.argmax())
+    shown = np.kron((digit.numpy() * 255).round().astype(np.uint8), np.ones((SHOWN_SCALE, SHOWN_SCALE), np.uint8))
+    return ({str(d): float(p) for d, p in enumerate(probs)}, shown,
+            f"Read as **{best}** ({100 * float(probs[best]):.1f}% sure).")
+
+
+def build_page(model, device, model_name, checkpoint):
+    with gr.Blocks(title="MNIST digit reader") as page:
+        run_file = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(checkpoint))),
+                                os.path.basename(checkpoint))  # the run's folder names the model; its path is long
+        gr.Markdown("# MNIST digit reader\n"
+                    f"Draw one digit (0-9), large, and press *Read the digit*: {model_name} (`{run_file}`) reads it "
+                    f"as an MNIST digit.")
+        with gr.Row():
+            with gr.Column():
+                pad = gr.Sketchpad(label="Your digit", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
+                                   brush=gr.Brush(default_size=12, colors=["#000000"], color_mode="fixed"),
+                                   layers=False, elem_id="pad")
+                button = gr.Button("Read the digit", variant="primary", elem_id="read")
+            with gr.Column():
+                message = gr.Markdown(elem_id="message")
+                answer = gr.Label(num_top_classes=3, label="Top 3", elem_id="answer")
+                received = gr.Image(label="What the model received (28x28, shown enlarged)", type="numpy",
+                                    interactive=False, height=320, format="png", elem_id="received")
+        button.click(lambda drawing: read_drawing(model, device, drawing), inputs=pad,
+                     outputs=[answer, received, message])
+    return page
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="A page to draw a digit on and see what the model reads.")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="a model.pt or checkpoint.pt (default: the model.pt of the newest finished run "
+                             "in outputs/)")
+    parser.add_argument("--port", type=int, default=7860, help="the local port of the page (default: 7860)")
+    args = parser.parse_args(argv)
+
+    device = pick_device()
+    try:
+        checkpoint = args.checkpoint or default_checkpoint()
+        model_name, model = runs.load_model(checkpoint, device)
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    print(f"Model: {model_name} from {checkpoint}")
+    page = build_page(model, device, model_name, checkpoint)
+    try:
+        page.launch(server_name="127.0.0.1", server_port=args.port, show_error=True)
+    except OSError:  # gradio's way of saying that the port is taken
+        sys.exit(f"error: cannot serve the page on 127.0.0.1:{args.port}: the port is in use "
+                 f"(choose another with --port N)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Read handwritten digits from image files: python3 predict.py IMAGE [IMAGE ...] [--checkpoint PATH] [--out PATH]
+
+Any photo, scan or drawing works: each image is brought to MNIST's format first (utils.to_mnist: grey, light ink
+on black, cropped to the ink, fitted to 20x20 and centred by mass in 28x28). Prints the digit and the top-3
+probabilities of each image, and draws predictions.png: each image as given, as the model saw it, and the ten
+probabilities. By default the model is the one of the newest finished run in outputs/.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from matplotlib.figure import Figure
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import runs
+from utils import UserError, pick_device, to_mnist, mnist_batch, save_figure
+
+MAX_SHOWN = 20  # images drawn in predictions.png; a taller figure would be too long to read
+
+
+def default_checkpoint(parent="outputs"):
+    """The model.pt of the newest finished run under `parent`; UserError saying how to train one if there is none."""
+    folder = runs.latest_finished_run(parent)
+    if folder is None:
+        raise UserError(f"no trained model in {parent}/: train one with `python3 main_mnist.py` "
+                        f"(or name a model.pt with --checkpoint PATH)")
+    return os.path.join(folder, runs.FINAL_MODEL)
+
+
+def read_image(path):
+    """(the image as a PIL image, its 28x28 MNIST version); UserError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # the whole file is decoded here, so a truncated one fails here
+            image = ImageOps.exif_transpose(image)  # a phone's photo is stored sideways, with a note to turn it
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image (or of a format PIL cannot read)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"{path}: cannot be read as an image ({error})") from None
+    return image, to_mnist(image, name=path)
+
+
+def classify(model, device, digits):
+    """Probabilities [N, 10] of the 28x28 images `digits` [N, 28, 28]."""
+    with torch.inference_mode():
+        return model(mnist_batch(digits).to(device)).float().exp().cpu()  # the models return log-probabilities
+
+
+def plot_predictions(paths, images, digits, probabilities, path):
+    """A row per image: as given, as the model saw it (28x28, light on black), and its ten probabilities."""
+    count = len(paths)
+    fig = Figure(figsize=(9, 2.4 * count), layout="constrained")  # titles clear of the axes above
+    axs = fig.subplots(count, 3, squeeze=False, width_ratios=[1, 1, 2])
+    for row, (name, image, digit, probs) in enumerate(zip(paths, images, digits, probabilities)):
+        shown = image.convert("RGBA")
+        shown.thumbnail((256, 256))  # a 12-megapixel photo is drawn as small as it is shown
+        axs[row, 0].imshow(shown)
+        axs[row, 0].set_title(os.path.basename(name), fontsize=9)
+        axs[row, 1].imshow(digit.numpy(), cmap="gray", vmin=0, vmax=1)
+        axs[row, 1].set_title("model input (28x28)", fontsize=9)
+        for ax in axs[row, :2]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        best = int(probs.argmax())
+        axs[row, 2].bar(range(10), probs.numpy(), color=["tab:blue" if d == best else "tab:gray" for d in range(10)])
+        axs[row, 2].set_xticks(range(10))
+        axs[row, 2].set_ylim(0, 1)
+        axs[row, 2].set_title(f"read as {best} ({100 * float(probs[best]):.1f}%)", fontsize=9)
+    save_figure(fig, path)
+
+
+def top3_line(path, probs):
+    top = probs.topk(3)
+    answers = "  ".join(f"{int(d)} {100 * float(p):.1f}%" for p, d in zip(top.values, top.indices))
+    return f"{path}: {int(top.indices[0])}   top 3: {answers}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Read handwritten digits from image files with a trained model.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="a model.pt or checkpoint.pt (default: the model.pt of the newest finished run "
+                             "in outputs/)")
+    parser.add_argument("--out", metavar="PATH", default="predictions.png",
+                        help="where to draw the images and their probabilities (default: predictions.png)")
+    args = parser.parse_args(argv)
+
+    device = pick_device()
+    try:
+        checkpoint = args.checkpoint or default_checkpoint()
+        model_name, model = runs.load_model(checkpoint, device)
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    print(f"Model: {model_name} from {checkpoint}" + ("" if args.checkpoint else " (the newest finished run)"))
+
+    # Each image on its own: one that cannot be read is named on stderr, and the others are still read.
+    read, failed = [], 0
+    for path in args.images:
+        try:
+            read.append((path, *read_image(path)))
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+    if read:
+        paths, images, digits = zip(*read)
+        probabilities = classify(model, device, torch.stack(digits))
+        for path, probs in zip(paths, probabilities):
+            print(top3_line(path, probs))
+        shown = min(len(paths), MAX_SHOWN)
+        try:
+            plot_predictions(paths[:shown], images[:shown], digits[:shown], probabilities[:shown], args.out)
+        except OSError as error:
+            print(f"error: cannot write {args.out}: {error.strerror}", file=sys.stderr)
+            return 1
+        print(f"Saved: {args.out}" + (f" (the first {shown} of {len(paths)} images)" if shown < len(paths) else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

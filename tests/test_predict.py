@@ -1,0 +1,167 @@
+"""utils.to_mnist, which brings any image to MNIST's format, and predict.py, which reads digits from image files."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import predict
+import runs
+from utils import UserError, load_mnist, mnist_batch, to_mnist
+
+
+def mass_centre(digit):
+    rows, cols = torch.arange(28.0), torch.arange(28.0)
+    mass = digit.sum()
+    return float((digit.sum(1) * rows).sum() / mass), float((digit.sum(0) * cols).sum() / mass)
+
+
+def ink_box(digit):
+    """(height, width) of the rows and columns that hold any ink."""
+    return int((digit > 0).any(1).sum()), int((digit > 0).any(0).sum())
+
+
+def seven_on_paper(size=(400, 300), paper=230, ink=20):
+    """A large 7, dark on light paper, far off the image's centre (top right), as a photo of one might be."""
+    image = Image.new("L", size, paper)
+    ImageDraw.Draw(image).line([(250, 20), (380, 20), (300, 280)], fill=ink, width=16)
+    return image
+
+
+def run_predict(capsys, *argv):
+    """predict.main in this process: (exit code, or the message sys.exit was given; stdout; stderr)."""
+    try:
+        code = predict.main([str(arg) for arg in argv])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_dark_digit_on_light_paper_comes_out_as_mnist_draws_it():
+    digit = to_mnist(seven_on_paper())
+    assert digit.shape == (28, 28) and digit.dtype == torch.float32
+    # Light ink on black, its brightest pixel white, as MNIST's digits are
+    assert digit[0].max() == digit[-1].max() == digit[:, 0].max() == digit[:, -1].max() == 0
+    assert digit.max() > 0.9
+    # Scaled to fit the 20x20 box, keeping its aspect ratio: the 7 is taller than wide, so 20 rows high
+    height, width = ink_box(digit)
+    assert height == 20 and 10 <= width < 20
+    # Centred by mass where MNIST's digits have theirs, to the half pixel a whole-pixel shift allows
+    row, col = mass_centre(digit)
+    assert abs(row - 14) <= 0.5 and abs(col - 14) <= 0.5
+
+
+def test_transparent_background_counts_as_light_paper():
+    # A drawing exported with a transparent background: its invisible pixels are black (0, 0, 0, 0)
+    rgba = Image.new("RGBA", (200, 160), (0, 0, 0, 0))
+    ImageDraw.Draw(rgba).line([(100, 10), (100, 150)], fill=(0, 0, 0, 255), width=10)
+    grey = Image.new("L", (200, 160), 255)
+    ImageDraw.Draw(grey).line([(100, 10), (100, 150)], fill=0, width=10)
+    expected = to_mnist(grey)
+    assert torch.allclose(to_mnist(rgba), expected)
+    assert torch.allclose(to_mnist(np.asarray(rgba)), expected)  # the array the drawing pad sends
+    assert ink_box(expected)[0] == 20
+
+
+@pytest.mark.parametrize("pixels", [
+    np.full((40, 50), 255, np.uint8),  # white paper
+    np.full((40, 50, 3), 0.5, np.float32),  # grey
+    np.zeros((40, 50, 4), np.uint8),  # fully transparent
+    (250 - 8 * np.random.default_rng(0).random((40, 50))).astype(np.uint8),  # paper with faint grain
+], ids=["white", "grey", "transparent", "faint-noise"])
+def test_an_image_without_ink_is_blank(pixels):
+    with pytest.raises(UserError, match=r"^empty\.png is blank"):
+        to_mnist(pixels, name="empty.png")
+
+
+def test_mnist_digits_come_back_as_they_were(real_data_dir):
+    """MNIST's own digits are already in MNIST's format: the conversion changes them only by resampling."""
+    images, _ = load_mnist(real_data_dir, train=False)
+    originals = images[:200].float() / 255
+    converted = torch.stack([to_mnist(image.numpy()) for image in images[:200]])
+    assert (converted - originals).abs().mean() < 0.05
+
+
+def photo_of(digit, rng):
+    """A MNIST digit as a user's photo of it: dark ink on light paper, 3x larger, off-centre in a bigger image,
+    with some sensor noise."""
+    ink = digit.numpy() / 255
+    enlarged = Image.fromarray(np.uint8(225 - 185 * ink)).resize((84, 84), Image.BICUBIC)
+    canvas = Image.new("L", (200, 160), 225)
+    canvas.paste(enlarged, (int(rng.integers(0, 116)), int(rng.integers(0, 76))))
+    noisy = np.asarray(canvas) + rng.normal(0, 3, (160, 200))
+    return Image.fromarray(np.uint8(noisy.clip(0, 255))).convert("RGB")
+
+
+def test_predict_reads_photos_of_digits_as_the_model_reads_the_originals(real_data_dir, trained_model, tmp_path,
+                                                                           capsys):
+    images, _ = load_mnist(real_data_dir, train=False)
+    images = images[:200]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"digit{i:03d}.png"))
+        photo_of(image, rng).save(paths[-1])
+    _, model = runs.load_model(trained_model, "cpu")
+    with torch.inference_mode():
+        own_answers = model(mnist_batch(images.float() / 255)).argmax(1).tolist()
+
+    code, out, err = run_predict(capsys, *paths, "--checkpoint", trained_model, "--out", tmp_path / "p.png")
+    assert code == 0 and err == ""
+    answers = dict(re.findall(r"^(\S+): (\d)   top 3: ", out, re.MULTILINE))
+    assert len(answers) == 200
+    agree = sum(int(answers[path]) == own for path, own in zip(paths, own_answers))
+    assert agree >= 190, f"only {agree} of 200 photos read as their originals"
+    assert os.path.isfile(tmp_path / "p.png") and "the first 20 of 200 images" in out
+
+
+def test_each_bad_image_is_named_on_one_line_and_the_others_still_read(trained_model, tmp_path, capsys):
+    seven_on_paper().save(tmp_path / "seven.png")
+    (tmp_path / "notes.png").write_text("not an image at all")
+    Image.new("L", (60, 60), 255).save(tmp_path / "white.png")
+    names = ["missing.png", "notes.png", "seven.png", "white.png"]
+    code, out, err = run_predict(capsys, *[tmp_path / name for name in names], "--checkpoint", trained_model,
+                                 "--out", tmp_path / "p.png")
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert "missing.png: no such file" in lines[0]
+    assert "notes.png: not an image" in lines[1]
+    assert "white.png is blank" in lines[2]
+    assert re.search(r"seven\.png: 7   top 3: 7 \d+\.\d%  \d \d+\.\d%  \d \d+\.\d%\n", out)
+    assert os.path.isfile(tmp_path / "p.png")
+
+
+def finished_run(parent, name, model_file, status="finished"):
+    """A run folder as main_mnist.py leaves it, reduced to what predict.py reads: run.json and model.pt."""
+    folder = parent / name
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(open(model_file, "rb").read())
+    (folder / "run.json").write_text(json.dumps({"mode": "train", "status": status, "model": "CompactNet"}))
+    return folder
+
+
+def test_the_default_model_is_the_newest_finished_run(trained_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    finished_run(tmp_path / "outputs", "2025-01-01_09-00-00_CompactNet", trained_model)
+    finished_run(tmp_path / "outputs", "2025-01-02_09-00-00_CompactNet", trained_model)
+    finished_run(tmp_path / "outputs", "2025-01-03_09-00-00_CompactNet", trained_model, status="stopped")
+    seven_on_paper().save("seven.png")
+    code, out, err = run_predict(capsys, "seven.png")
+    assert code == 0 and err == ""
+    newest = os.path.join("outputs", "2025-01-02_09-00-00_CompactNet", "model.pt")
+    assert f"Model: CompactNet from {newest} (the newest finished run)" in out
+    assert "seven.png: 7 " in out and "Saved: predictions.png" in out and os.path.isfile("predictions.png")
+
+
+def test_no_finished_run_says_how_to_train_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    seven_on_paper().save("seven.png")
+    code, out, err = run_predict(capsys, "seven.png")
+    assert isinstance(code, str) and "\n" not in code
+    assert code.startswith("error: no trained model in outputs/") and "python3 main_mnist.py" in code
+    assert not os.path.exists("predictions.png")
