@@ -172,10 +172,12 @@ def test_concurrent_atomic_writes_use_temporary_files_of_their_own(tmp_path):
 
 # ---- Failed writes ----
 
+REAL_FSYNC = os.fsync
+
+
 def fail_writes(monkeypatch, name, error_number, after=0):
     """Makes atomic writes of the file `name` fail with `error_number` once `after` of them have succeeded (and
     every write to another file from then on, as on a disk that filled up)."""
-    real_fsync = os.fsync
     state = {"done": 0, "failing": False}
 
     def fsync(fd):
@@ -184,7 +186,7 @@ def fail_writes(monkeypatch, name, error_number, after=0):
             state["done"] += 1
         if state["failing"]:
             raise OSError(error_number, os.strerror(error_number))
-        real_fsync(fd)
+        REAL_FSYNC(fd)
 
     monkeypatch.setattr(utils.os, "fsync", fsync)
 
@@ -197,7 +199,7 @@ def test_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(tiny_mnist, tm
                        f"The checkpoint of "
                        f"epoch 1 is kept in {out_dir / 'checkpoint.pt'}. Resume with: python3 main_mnist.py --resume "
                        f"{out_dir / 'checkpoint.pt'}")
-    monkeypatch.undo()
+    monkeypatch.setattr(utils.os, "fsync", REAL_FSYNC)  # space again
     checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
@@ -235,7 +237,6 @@ def test_a_folder_removed_during_the_run_gives_one_line(tiny_mnist, tmp_path, mo
 
     monkeypatch.setattr(runs, "save_epoch", save_epoch_then_remove_the_folder)
     message = exit_message(["--data-dir", tiny_mnist, *FAST, "--epochs", "3", "--out-dir", str(out_dir)])
-    monkeypatch.undo()
     assert message.startswith("error: could not write") and "No such file or directory" in message
     assert "nothing to resume" in message and "\n" not in message
 
