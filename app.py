@@ -17,8 +17,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import runs  # noqa: E402
-from predict import default_checkpoint  # noqa: E402
+from predict import CHECKPOINT_HELP, load_reader  # noqa: E402
 from utils import UserError, pick_device, to_mnist, mnist_batch  # noqa: E402
 
 NOTHING_DRAWN = "Nothing drawn yet: draw a digit on the pad first."
@@ -70,19 +69,12 @@ def build_page(model, device, model_name, checkpoint):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="A page to draw a digit on and see what the model reads.")
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="a model.pt or checkpoint.pt (default: the model.pt of the newest finished run "
-                             "in outputs/)")
+    parser.add_argument("--checkpoint", metavar="PATH", help=CHECKPOINT_HELP)
     parser.add_argument("--port", type=int, default=7860, help="the local port of the page (default: 7860)")
     args = parser.parse_args(argv)
 
     device = pick_device()
-    try:
-        checkpoint = args.checkpoint or default_checkpoint()
-        model_name, model = runs.load_model(checkpoint, device)
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    print(f"Model: {model_name} from {checkpoint}")
+    model_name, model, checkpoint = load_reader(args.checkpoint, device)
     page = build_page(model, device, model_name, checkpoint)
     try:
         page.launch(server_name="127.0.0.1", server_port=args.port, show_error=True)

@@ -28,6 +28,21 @@ def default_checkpoint(parent="outputs"):
     return os.path.join(folder, runs.FINAL_MODEL)
 
 
+CHECKPOINT_HELP = "a model.pt or checkpoint.pt (default: the model.pt of the newest finished run in outputs/)"
+
+
+def load_reader(checkpoint, device):
+    """(model name, model, its file) from --checkpoint, or from the newest finished run; one line and exit if
+    neither can be loaded. Says which model it is."""
+    try:
+        path = checkpoint or default_checkpoint()
+        name, model = runs.load_model(path, device)
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    print(f"Model: {name} from {path}" + ("" if checkpoint else " (the newest finished run)"))
+    return name, model, path
+
+
 def read_image(path):
     """(the image as a PIL image, its 28x28 MNIST version); UserError naming the file if it cannot be read."""
     try:
@@ -83,20 +98,13 @@ def top3_line(path, probs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Read handwritten digits from image files with a trained model.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="a model.pt or checkpoint.pt (default: the model.pt of the newest finished run "
-                             "in outputs/)")
+    parser.add_argument("--checkpoint", metavar="PATH", help=CHECKPOINT_HELP)
     parser.add_argument("--out", metavar="PATH", default="predictions.png",
                         help="where to draw the images and their probabilities (default: predictions.png)")
     args = parser.parse_args(argv)
 
     device = pick_device()
-    try:
-        checkpoint = args.checkpoint or default_checkpoint()
-        model_name, model = runs.load_model(checkpoint, device)
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    print(f"Model: {model_name} from {checkpoint}" + ("" if args.checkpoint else " (the newest finished run)"))
+    _, model, _ = load_reader(args.checkpoint, device)
 
     # Each image on its own: one that cannot be read is named on stderr, and the others are still read.
     read, failed = [], 0

@@ -635,7 +635,10 @@ def lr_events(history, schedule=None):
 def data_visualization(loader, path, count=32):
     """A grid of up to `count` images of the loader's first batch, as the model receives them (so augmented, for
     the training loader), un-normalized for display, each titled with its label. Returns the Figure."""
-    images, labels = next(iter(loader))
+    device = loader.labels.device
+    # Drawn with a copy of the random state, so that a run trains the same with this picture or without it.
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        images, labels = next(iter(loader))
     images = (images[:count, 0].float().cpu() * MNIST_STD + MNIST_MEAN).numpy()  # back to [0, 1]
     columns = 8
     rows = math.ceil(len(images) / columns)

@@ -543,3 +543,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         utils.atomic_write(path, fails_halfway)
     assert path.read_bytes() == b"good"
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_drawing_the_samples_leaves_the_random_state_as_it_was(tmp_path):
+    loader = MnistBatches(smooth_digits(8)[:, 0], torch.arange(8), batch_size=8, shuffle=True, augment=True)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    utils.data_visualization(loader, tmp_path / "samples.png")
+    assert torch.equal(torch.get_rng_state(), before)  # so a run trains the same with the picture or without it
