@@ -236,7 +236,17 @@ def resume_command(checkpoint_path, dry_run=False):
 def device_name(device):
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{device.type} ({_processor()}, {torch.get_num_threads()} threads)"
+
+
+def _processor():
+    """The CPU's model name where Linux tells it (platform.processor() is often empty there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return names[0]
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
 
 
 def new_record(folder, hp, model, device, amp, argv, mode="train"):
