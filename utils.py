@@ -427,7 +427,7 @@ def find_lr(model, optimizer, loader, criterion, device, amp, start_lr=1e-7, end
                       grad_scaler=torch.amp.GradScaler(device.type, enabled=False))  # bfloat16 needs no scaling
     was_training = model.training
     on_cpu = device.type == "cpu"  # the CPU's generator is always forked; an accelerator's only if named
-    rng = torch.random.fork_rng(devices=[] if on_cpu else [device], device_type=None if on_cpu else device.type)
+    rng = torch.random.fork_rng(devices=[] if on_cpu else [device], device_type=device.type)
     try:
         with rng, contextlib.redirect_stdout(io.StringIO()):
             # (stdout hidden: the library prints a fixed sentence at the end; its progress bar is on stderr)

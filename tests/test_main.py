@@ -145,7 +145,7 @@ def test_dry_run_end_to_end_on_real_mnist_writes_the_three_outputs(real_data_dir
     assert len(rows) == 1 and 0 <= float(rows[0]["test_acc"]) <= 100
     with open(out_dir / "accuracy_loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    Net().load_state_dict(torch.load(out_dir / "model.pt"))
+    Net().load_state_dict(torch.load(out_dir / "model.pt", weights_only=True))
     for name in ("metrics.csv", "accuracy_loss.png", "model.pt", "run.json"):
         assert str(out_dir / name) in result.stdout  # the paths are printed at the end
     assert result.stdout.startswith(f"Run folder: {out_dir}\n")
