@@ -28,7 +28,7 @@ from utils import UserError, NonFiniteLoss, atomic_write, write_metrics, plot_me
 # The files of a run folder. Any of RUN_FILES in a folder means a run wrote there, and no other run may.
 RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL = "run.json", "checkpoint.pt", "metrics.csv", "accuracy_loss.png", "model.pt"
 SAMPLES, MISCLASSIFIED, CONFUSION, LR_PLOT = "samples.png", "misclassified.png", "confusion_matrix.png", "lr_finder.png"
-RUN_FILES = (RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL, MISCLASSIFIED, CONFUSION, LR_PLOT)
+RUN_FILES = (RECORD, SAMPLES, CHECKPOINT, METRICS, PLOT, FINAL_MODEL, MISCLASSIFIED, CONFUSION, LR_PLOT)
 LOCK = ".lock"
 COMPARISON_PNG, COMPARISON_CSV = "comparison.png", "comparison.csv"
 
