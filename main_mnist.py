@@ -39,8 +39,8 @@ SETTINGS = {name: value for name, value in globals().items()  # the block above,
             if name.isupper() and isinstance(value, (int, float, bool, str))}
 
 # Each model's recommended settings, applied over the ones above when it is selected; flags given still win.
-# CompactNet's were picked on an H100 over 6 seeds among 20 variants (README): a one-cycle schedule lets its
-# batch-normalized layers take a peak lr of 0.2; 0.1 fell below 99.4% in late epochs for some seeds.
+# CompactNet's were picked on an H100 over 6 seeds among 20 variants of its narrower first design (README): a
+# one-cycle schedule lets its batch-normalized layers take a peak lr of 0.2; 0.1 fell below 99.4% in late epochs.
 RECIPES = {
     "Net": {},
     "CompactNet": {"EPOCHS": 15, "BATCH_SIZE": 128, "LR": 0.2, "MOMENTUM": 0.95, "NESTEROV": True,

@@ -33,22 +33,22 @@ class Net(nn.Module):
 
 
 class CompactNet(nn.Module):
-    """6,232 parameters: six Conv-BatchNorm-ReLU blocks, one max-pool, global average pooling, a 1x1 classifier.
+    """7,702 parameters: six Conv-BatchNorm-ReLU blocks, one max-pool, global average pooling, a 1x1 classifier.
 
-    The convolutions have no bias, since the BatchNorm after each adds one. A 1x1 transition after the pool halves
+    The convolutions have no bias, since the BatchNorm after each adds one. A 1x1 transition after the pool cuts
     the channels cheaply; global average pooling and a 1x1 convolution replace Net's 204,850-weight fc1.
     Comments give each layer's output (channels x height x width) and receptive field (RF) on the 28x28 input.
     """
 
     def __init__(self):
         super().__init__()
-        self.conv1 = _conv_bn_relu(1, 8, 3)     # 8x26x26, RF 3
-        self.conv2 = _conv_bn_relu(8, 12, 3)    # 12x24x24, RF 5; max-pool -> 12x12x12, RF 6
-        self.trans = _conv_bn_relu(12, 8, 1)    # 8x12x12, RF 6: fewer channels, same field
-        self.conv3 = _conv_bn_relu(8, 12, 3)    # 12x10x10, RF 10
-        self.conv4 = _conv_bn_relu(12, 16, 3)   # 16x8x8, RF 14
-        self.conv5 = _conv_bn_relu(16, 16, 3)   # 16x6x6, RF 18; average pool -> 16x1x1, the whole image
-        self.classifier = nn.Conv2d(16, 10, kernel_size=1, bias=False)  # 10x1x1: a score per digit
+        self.conv1 = _conv_bn_relu(1, 10, 3)    # 10x26x26, RF 3
+        self.conv2 = _conv_bn_relu(10, 14, 3)   # 14x24x24, RF 5; max-pool -> 14x12x12, RF 6
+        self.trans = _conv_bn_relu(14, 10, 1)   # 10x12x12, RF 6: fewer channels, same field
+        self.conv3 = _conv_bn_relu(10, 14, 3)   # 14x10x10, RF 10
+        self.conv4 = _conv_bn_relu(14, 16, 3)   # 16x8x8, RF 14
+        self.conv5 = _conv_bn_relu(16, 18, 3)   # 18x6x6, RF 18; average pool -> 18x1x1, the whole image
+        self.classifier = nn.Conv2d(18, 10, kernel_size=1, bias=False)  # 10x1x1: a score per digit
 
     def forward(self, x):
         x = self.conv2(self.conv1(x))

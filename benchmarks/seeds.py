@@ -7,8 +7,9 @@
 Each run is `python3 main_mnist.py --model M --seed S [--no-amp] --out-dir OUT/M-<precision>-seed<S>`; a run whose
 folder already holds a model.pt is not trained again, and a stopped one is resumed, so the script can be stopped
 and started again. The table
-gives, per run, the final and best test accuracy, the accuracy in each of the last three epochs and the mean
-seconds per epoch, then min / mean / max per precision. It is made from each folder's metrics.csv.
+gives, per run, the final and best test accuracy, the accuracy in each of the last three epochs and the median
+seconds per epoch (train + test; the median, so that a few epochs slowed by other work on the machine do not move
+it), then min / mean / max per precision. It is made from each folder's metrics.csv.
 """
 import argparse
 import csv
@@ -47,12 +48,12 @@ def read_history(folder):
 def summary(history):
     accuracies = [row["test_acc"] for row in history]
     return {"final": accuracies[-1], "best": max(accuracies), "best_epoch": int(history[accuracies.index(max(accuracies))]["epoch"]),
-            "last3": accuracies[-3:], "seconds": statistics.mean(row["seconds"] for row in history)}
+            "last3": accuracies[-3:], "seconds": statistics.median(row["seconds"] for row in history)}
 
 
 def print_table(results):
     """results: {(precision, seed): summary}. Markdown, ready for README."""
-    print("| precision | seed | last 3 epochs (%) | final (%) | best (%) (epoch) | s per epoch |")
+    print("| precision | seed | last 3 epochs (%) | final (%) | best (%) (epoch) | s per epoch (median) |")
     print("|---|---|---|---|---|---|")
     for (precision, seed), s in results.items():
         print(f"| {precision} | {seed} | {' / '.join(f'{a:.2f}' for a in s['last3'])} | {s['final']:.2f} | "

@@ -258,7 +258,7 @@ def test_compact_net_trains_with_its_one_cycle_recipe_and_prints_its_summary(tin
     main_mnist.main(["--model", "CompactNet", "--data-dir", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "2",
                      *FAST])
     out = capsys.readouterr().out
-    assert "Total params: 6,232" in out and "Epoch 2/2" in out
+    assert "Total params: 7,702" in out and "Epoch 2/2" in out
     rows = read_metrics(tmp_path)
     assert float(rows[0]["lr"]) > float(rows[1]["lr"])  # one cycle: the lr comes back down by the end
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
