@@ -62,7 +62,7 @@ def print_table(results):
         rows = [s for (p, _), s in results.items() if p == precision]
         finals, bests = [s["final"] for s in rows], [s["best"] for s in rows]
         lowest_late = min(min(s["last3"]) for s in rows)
-        print(f"| **{precision}**, {len(rows)} seeds | min / mean / max | lowest: {lowest_late:.2f} | "
+        print(f"| **{precision}**, {len(rows)} seed{'s' * (len(rows) > 1)} | min / mean / max | lowest: {lowest_late:.2f} | "
               f"{min(finals):.2f} / {statistics.mean(finals):.3f} / {max(finals):.2f} | "
               f"{min(bests):.2f} / {statistics.mean(bests):.3f} / {max(bests):.2f} | "
               f"{statistics.mean(s['seconds'] for s in rows):.1f} |")
