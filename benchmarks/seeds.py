@@ -6,10 +6,10 @@
 
 Each run is `python3 main_mnist.py --model M --seed S [--no-amp] --out-dir OUT/M-<precision>-seed<S>`; a run whose
 folder already holds a model.pt is not trained again, and a stopped one is resumed, so the script can be stopped
-and started again. The table
-gives, per run, the final and best test accuracy, the accuracy in each of the last three epochs and the median
-seconds per epoch (train + test; the median, so that a few epochs slowed by other work on the machine do not move
-it), then min / mean / max per precision. It is made from each folder's metrics.csv.
+and started again. The table gives, per run, the final and best test accuracy, the accuracy in each of the last
+three epochs and the median seconds per epoch (train + test; the median, so that a few epochs slowed by other work
+on the machine do not move it), then min / mean / max per precision (with the mean of the runs' seconds per
+epoch). It is made from each folder's metrics.csv.
 """
 import argparse
 import csv
