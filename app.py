@@ -37,7 +37,7 @@ def read_drawing(model, device, drawing):
     except UserError:  # a pad with no ink on it
         return None, None, NOTHING_DRAWN
     with torch.inference_mode():
-        probs = model(mnist_batch(digit).to(device)).float().exp()[0].cpu()  # the models return log-probabilities
+        probs = model(mnist_batch(digit).to(device)).float().softmax(dim=1)[0].cpu()  # log-probabilities or scores
     best = int(probs.argmax())
     shown = np.kron((digit.numpy() * 255).round().astype(np.uint8), np.ones((SHOWN_SCALE, SHOWN_SCALE), np.uint8))
     return ({str(d): float(p) for d, p in enumerate(probs)}, shown,

@@ -15,20 +15,26 @@ import torch.optim as optim
 import runs
 from model import MODELS
 from utils import (UserError, NonFiniteLoss, pick_device, bfloat16_is_fast, get_trainloader, get_testloader,
-                   describe_data, data_visualization, train, test, predict, model_summary, find_lr, plot_lr_finder,
-                   confusion_matrix, per_class_accuracy, plot_confusion_matrix, plot_misclassified)
+                   describe_data, data_visualization, loss_function, train, test, predict, model_summary, find_lr,
+                   plot_lr_finder, confusion_matrix, per_class_accuracy, plot_confusion_matrix, plot_misclassified)
 
 # ---- Hyperparameters: the original's recipe. Edit them here, or override any with its flag (see --help). ----
-MODEL = "Net"            # model class of model.py to train; choosing one applies its recipe, RECIPES below
+# A run uses this block as it is, except: --model NAME applies that model's recipe (RECIPES below) over the block,
+# and every other flag given wins over both. The first lines of a run print its settings, marked where they came from.
+MODEL = "Net"            # model class of model.py to train (--model NAME also applies its recipe, RECIPES below)
 EPOCHS = 20              # passes over the 60,000 training images
 BATCH_SIZE = 512         # training images per SGD step
 LR = 0.01                # SGD's learning rate; with SCHEDULE onecycle, the peak of the cycle
 MOMENTUM = 0.9           # SGD momentum; with onecycle, the top of its cycle (it dips by 0.1 as the lr peaks)
 NESTEROV = False         # Nesterov momentum
 WEIGHT_DECAY = 0.0       # SGD's L2 penalty on the weights
-SCHEDULE = "step"        # learning-rate schedule: step (StepLR, per epoch) or onecycle (OneCycleLR, per batch
+SCHEDULE = "step"        # learning-rate schedule: step (StepLR, per epoch) or onecycle (OneCycleLR, per batch)
 STEP_SIZE = 15           # step schedule: epochs between learning-rate drops
 GAMMA = 0.1              # step schedule: the factor of each drop
+ROTATION = 15.0          # augmentation: each training image turns by a random angle within +-ROTATION degrees (0: off)
+CROP_P = 0.1             # augmentation: probability of a centre crop to CROP_SIZE, resized back to 28 (0: off)
+CROP_SIZE = 22           # augmentation: side of that centre crop, in pixels
+SHIFT = 0                # augmentation: each training image moves by up to SHIFT whole pixels across and down (0: off)
 TEST_BATCH_SIZE = 2048   # test images per batch: no activations are kept for backward, so large is cheap
 AMP = True               # bfloat16 autocast where the device runs it natively: CUDA, CPUs with AVX512-BF16 or AMX
 SEED = 1                 # random seed; the same seed gives the same metrics on a CPU
@@ -38,7 +44,7 @@ OUT_DIR = "outputs"      # each run gets a new folder OUT_DIR/<date>_<time>_<mod
 SETTINGS = {name: value for name, value in globals().items()  # the block above, in its order
             if name.isupper() and isinstance(value, (int, float, bool, str))}
 
-# Each model's recommended settings, applied over the ones above when it is selected; flags given still win.
+# Each model's recommended settings, applied over the block when --model names the model; other flags still win.
 # CompactNet's were picked on an H100 over 6 seeds among 20 variants of its narrower first design (README): a
 # one-cycle schedule lets its batch-normalized layers take a peak lr of 0.2; 0.1 fell below 99.4% in late epochs.
 RECIPES = {
@@ -66,9 +72,11 @@ def train_run(args, device):
     checkpoint = runs.load_checkpoint(args.resume) if args.resume else None
     if checkpoint is None:
         hp = runs.settings(args, SETTINGS, RECIPES)
+        runs.print_settings(hp, args, SETTINGS, RECIPES)
         folder = runs.open_run_folder(args, hp)
     else:
         hp = runs.resumed_settings(args, SETTINGS, checkpoint)
+        runs.print_settings(hp, args, SETTINGS, RECIPES, resumed=True)
         folder = os.path.dirname(os.path.abspath(args.resume))
         runs.lock_folder(folder)
     print(f"Run folder: {folder}")
@@ -77,26 +85,30 @@ def train_run(args, device):
     amp = hp["AMP"] and bfloat16_is_fast(device)
     print(f"Device: {device}; mixed precision: {'bfloat16' if amp else 'off (float32)'}")
 
-    # Data: MNIST as tensors on the device, augmented per batch (utils.py)
+    # Data: MNIST as tensors on the device, augmented per batch with the block's settings (augment.py)
     max_batches = 1 if args.dry_run else None
-    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, max_batches)
+    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, max_batches, augmentation=hp)
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, max_batches)
     print(describe_data(train_loader.images, test_loader.images))
+
+    # Model, its summary, the loss that fits its output, the optimizer and the learning-rate schedule
+    model = MODELS[hp["MODEL"]]().to(device, memory_format=torch.channels_last)
+    model_summary(model)
+    criterion = loss_function(model, test_loader.sample())
+    print(f"Loss: F.{criterion.__name__} (the model returns "
+          f"{'log-probabilities' if criterion is F.nll_loss else 'raw scores'})")
+    optimizer = build_optimizer(model, hp)
+    scheduler = build_scheduler(optimizer, hp, len(train_loader))
+    batch_scheduler = scheduler if hp["SCHEDULE"] == "onecycle" else None
     samples = os.path.join(folder, runs.SAMPLES)
     if not os.path.exists(samples):  # a resumed run keeps the one it drew at its start
         with runs.uninterrupted():
             data_visualization(train_loader, samples)
 
-    # Model, its summary, the optimizer and the learning-rate schedule
-    model = MODELS[hp["MODEL"]]().to(device, memory_format=torch.channels_last)
-    model_summary(model)
-    optimizer = build_optimizer(model, hp)
-    scheduler = build_scheduler(optimizer, hp, len(train_loader))
-    batch_scheduler = scheduler if hp["SCHEDULE"] == "onecycle" else None
-
     record = runs.read_record(folder) if checkpoint else None
     record = record or runs.new_record(folder, hp, model, device, amp, args.argv)
-    record.update(status="running", epochs_planned=hp["EPOCHS"], dry_run=args.dry_run, hyperparameters=hp)
+    record.update(status="running", epochs_planned=hp["EPOCHS"], dry_run=args.dry_run, hyperparameters=hp,
+                  loss=criterion.__name__)
     history = []
     if checkpoint is not None:
         history = runs.restore(checkpoint, model, optimizer, scheduler)
@@ -108,8 +120,8 @@ def train_run(args, device):
         runs.save_record(folder, record)
         for epoch in range(len(history) + 1, hp["EPOCHS"] + 1):
             start = time.perf_counter()
-            train_loss, train_acc = train(model, device, train_loader, optimizer, F.nll_loss, batch_scheduler, amp)
-            test_loss, test_acc = test(model, device, test_loader, F.nll_loss, amp)
+            train_loss, train_acc = train(model, device, train_loader, optimizer, criterion, batch_scheduler, amp)
+            test_loss, test_acc = test(model, device, test_loader, criterion, amp)
             if not all(torch.isfinite(p).all() for p in model.parameters()):  # the last step can blow up unseen
                 raise NonFiniteLoss("the weights became infinite or NaN")
             lr = optimizer.param_groups[0]["lr"]
@@ -144,6 +156,7 @@ def evaluate_only(args, device):
     if not args.checkpoint:
         raise UserError("--eval-only needs --checkpoint PATH (a model.pt or checkpoint.pt)")
     hp = runs.settings(args, SETTINGS, RECIPES)
+    runs.print_settings(hp, args, SETTINGS, RECIPES)
     model_name, model = runs.load_model(args.checkpoint, device, hp["MODEL"] if hasattr(args, "MODEL") else None)
     hp["MODEL"] = model_name
     folder = runs.open_run_folder(args, hp, kind="eval")
@@ -152,8 +165,9 @@ def evaluate_only(args, device):
                                  max_batches=1 if args.dry_run else None)
     print(f"Evaluating {model_name} from {args.checkpoint} on {device}; figures go to {folder}")
     record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="eval-only")
-    record.update(checkpoint=os.path.abspath(args.checkpoint), epochs_planned=0)
-    _, record["final_test_acc"] = test(model, device, test_loader, F.nll_loss, amp)
+    criterion = loss_function(model, test_loader.sample())
+    record.update(checkpoint=os.path.abspath(args.checkpoint), epochs_planned=0, loss=criterion.__name__)
+    _, record["final_test_acc"] = test(model, device, test_loader, criterion, amp)
     report_test_set(model, device, test_loader, amp, folder)
     record["status"] = "finished"
     runs.save_record(folder, record)
@@ -163,17 +177,19 @@ def find_learning_rate(args, device):
     """An LR range test of the model with its recipe's optimizer, batch size, augmentation and precision, in a
     folder of its own; nothing is trained for keeps and no model is saved."""
     hp = runs.settings(args, SETTINGS, RECIPES)
+    runs.print_settings(hp, args, SETTINGS, RECIPES)
     folder = runs.open_run_folder(args, hp, kind="find-lr")
     print(f"Run folder: {folder}")
     torch.manual_seed(hp["SEED"])
     amp = hp["AMP"] and bfloat16_is_fast(device)
-    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device)
+    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, augmentation=hp)
     model = MODELS[hp["MODEL"]]().to(device, memory_format=torch.channels_last)
+    criterion = loss_function(model, train_loader.sample())
     record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="find-lr")
     steps = 20 if args.dry_run else 100
     print(f"LR range test of {hp['MODEL']}: {steps} batches of {hp['BATCH_SIZE']}, lr from 1e-07 to 10")
     try:
-        result = find_lr(model, build_optimizer(model, hp), train_loader, F.nll_loss, device, amp, num_iter=steps)
+        result = find_lr(model, build_optimizer(model, hp), train_loader, criterion, device, amp, num_iter=steps)
     except ValueError as error:  # it diverged at once: too few steps to suggest anything
         raise UserError(str(error)) from None
     plot_path = os.path.join(folder, runs.LR_PLOT)
@@ -190,10 +206,6 @@ def main(argv=None):
     device = pick_device()
     try:
         with runs.stop_signals_handled():
-            if args.checkpoint and not args.eval_only:
-                raise UserError("--checkpoint goes with --eval-only; to continue training, use --resume PATH")
-            if args.resume and args.eval_only:
-                raise UserError("--resume continues training; to only evaluate, use --eval-only --checkpoint PATH")
             if args.compare is not None:
                 runs.compare(args.compare, runs.settings(args, SETTINGS, RECIPES)["OUT_DIR"])
             elif args.eval_only:

@@ -3,7 +3,7 @@
 Any photo, scan or drawing works: each image is brought to MNIST's format first (utils.to_mnist: grey, light ink
 on black, cropped to the ink, fitted to 20x20 and centred by mass in 28x28). Prints the digit and the top-3
 probabilities of each image, and draws predictions.png: each image as given, as the model saw it, and the ten
-probabilities. By default the model is the one of the newest finished run in outputs/.
+probabilities. By default the model is the one of the newest finished run in OUT_DIR (main_mnist.py).
 """
 import argparse
 import os
@@ -14,13 +14,15 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import runs
+from main_mnist import OUT_DIR
 from utils import UserError, pick_device, to_mnist, mnist_batch, save_figure
 
 MAX_SHOWN = 20  # images drawn in predictions.png; a taller figure would be too long to read
 
 
-def default_checkpoint(parent="outputs"):
-    """The model.pt of the newest finished run under `parent`; UserError saying how to train one if there is none."""
+def default_checkpoint(parent=OUT_DIR):
+    """The model.pt of the newest finished run under `parent` (main_mnist.py's OUT_DIR); UserError saying how to
+    train one if there is none."""
     folder = runs.latest_finished_run(parent)
     if folder is None:
         raise UserError(f"no trained model in {parent}/: train one with `python3 main_mnist.py` "
@@ -28,7 +30,7 @@ def default_checkpoint(parent="outputs"):
     return os.path.join(folder, runs.FINAL_MODEL)
 
 
-CHECKPOINT_HELP = "a model.pt or checkpoint.pt (default: the model.pt of the newest finished run in outputs/)"
+CHECKPOINT_HELP = f"a model.pt or checkpoint.pt (default: the model.pt of the newest finished run in {OUT_DIR}/)"
 
 
 def load_reader(checkpoint, device):
@@ -63,7 +65,7 @@ def read_image(path):
 def classify(model, device, digits):
     """Probabilities [N, 10] of the 28x28 images `digits` [N, 28, 28]."""
     with torch.inference_mode():
-        return model(mnist_batch(digits).to(device)).float().exp().cpu()  # the models return log-probabilities
+        return model(mnist_batch(digits).to(device)).float().softmax(dim=1).cpu()  # log-probabilities or scores
 
 
 def plot_predictions(paths, images, digits, probabilities, path):

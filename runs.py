@@ -6,7 +6,7 @@ checkpoints and exact resume, Ctrl-C and SIGTERM, what a failed run leaves and s
 import argparse
 import csv
 import datetime
-import fcntl
+import hashlib
 import io
 import json
 import os
@@ -15,9 +15,21 @@ import random
 import re
 import shlex
 import signal
+import stat
+import subprocess
 import sys
+import textwrap
 import tokenize
 from contextlib import contextmanager
+
+try:  # the folder lock: POSIX's flock where there is one (Linux, macOS), else Windows' byte-range locks
+    import fcntl
+except ImportError:
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
 
 import torch
 import torchvision
@@ -78,18 +90,23 @@ def parse_args(argv, defaults, recipes, helps):
             kwargs["metavar"] = "{" + ",".join(CHOICES[name]) + "}"
         in_recipes = "".join(f"; {model}: {recipe[name]}" for model, recipe in recipes.items() if name in recipe)
         parser.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS,
-                            help=f"{helps[name]} (default: {default}{in_recipes})", **kwargs)
+                            help=f"{helps.get(name, name)} (default: {default}{in_recipes})", **kwargs)
     parser.add_argument("--dry-run", action="store_true", help="one batch of training and one of test per epoch")
-    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pt, "
-                                                               "in its own folder")
-    parser.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the test set")
+    modes = parser.add_mutually_exclusive_group()  # one mode at a time: a second stops here, in one line
+    modes.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pt, "
+                                                              "in its own folder")
+    modes.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the test set")
     parser.add_argument("--checkpoint", metavar="PATH", help="with --eval-only: a model.pt or checkpoint.pt")
-    parser.add_argument("--find-lr", action="store_true", help="an LR range test of the model and recipe; "
-                                                               "prints a suggested --lr, trains nothing for keeps")
-    parser.add_argument("--compare", nargs="*", metavar="RUN_DIR",
-                        help="train nothing: put these runs (default: every run in OUT_DIR) side by side")
+    modes.add_argument("--find-lr", action="store_true", help="an LR range test of the model and recipe; "
+                                                              "prints a suggested --lr, trains nothing for keeps")
+    modes.add_argument("--compare", nargs="*", metavar="RUN_DIR",
+                       help="train nothing: put these runs (default: every run in OUT_DIR) side by side")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for the run's record
+    if args.eval_only and not args.checkpoint:
+        parser.error("--eval-only needs --checkpoint PATH (a model.pt or checkpoint.pt)")
+    if args.checkpoint and not args.eval_only:
+        parser.error("--checkpoint goes with --eval-only; to continue training, use --resume PATH")
     if args.resume is None:
         try:
             check_settings(settings(args, defaults, recipes))
@@ -102,29 +119,70 @@ def flags_given(args, defaults):
     return {name: getattr(args, name) for name in defaults if hasattr(args, name)}
 
 
-def settings(args, defaults, recipes, saved=None):
-    """The run's settings: the defaults, then the model's recipe (or those of the run being resumed), then the flags."""
+def settings(args, defaults, recipes):
+    """The run's settings: the block (defaults) as it is, then the recipe of the model that --model names, then the
+    other flags. A model chosen in the block gets no recipe: what the block says is what runs."""
     given = flags_given(args, defaults)
-    if saved is not None:
-        return {**saved, **given}
-    model = given.get("MODEL", defaults["MODEL"])
-    return {**defaults, **recipes.get(model, {}), **given}
+    return {**defaults, **recipes.get(given.get("MODEL"), {}), **given}
+
+
+def print_settings(hp, args, defaults, recipes, resumed=False):
+    """Prints the settings a run uses, a few to a line, marking those that did not come from the block: [flag]
+    (the command line), [recipe] (the recipe of --model) or, for a resumed run, [checkpoint]."""
+    given = flags_given(args, defaults)
+    recipe = {} if resumed else recipes.get(given.get("MODEL"), {})
+    marked = []
+    for name, value in hp.items():
+        mark = ("flag" if name in given else "recipe" if name in recipe
+                else "checkpoint" if resumed and value != defaults.get(name) else None)
+        marked.append(f"{name}={value}" + (f" [{mark}]" if mark else ""))
+    where = "the block of main_mnist.py"
+    if recipe:
+        where += f", {given['MODEL']}'s recipe [recipe] (RECIPES in main_mnist.py)"
+    if resumed:
+        where = "the checkpoint's [checkpoint] where they differ from the block"
+    print(f"Settings ({where}; [flag]: from the command line):")
+    line = " "
+    for item in marked:
+        if len(line) + 2 + len(item) > 116:
+            print(line)
+            line = " "
+        line += " " + item
+    print(line)
+    unused = {name: value for name, value in recipes.get(hp["MODEL"], {}).items() if hp[name] != value}
+    if not resumed and "MODEL" not in given and unused:
+        print(textwrap.fill(f"Note: MODEL {hp['MODEL']} comes from the block, which is used as it is; --model "
+                            f"{hp['MODEL']} would apply its recipe: "
+                            + ", ".join(f"{name}={value}" for name, value in unused.items()),
+                            width=118, subsequent_indent="  ", break_on_hyphens=False))
 
 
 def check_settings(hp):
     """Raises UserError for the first value that would make the run fail or train garbage. Every rule is here."""
+    def whole(name, least):
+        return isinstance(hp[name], int) and not isinstance(hp[name], bool) and hp[name] >= least
+
+    def number(name, low, high):  # NaN fails every comparison, so it is never in range
+        return isinstance(hp[name], (int, float)) and not isinstance(hp[name], bool) and low <= hp[name] <= high
+
     rules = [
         ("MODEL", hp["MODEL"] in CHOICES["MODEL"], f"must be one of {', '.join(CHOICES['MODEL'])}"),
         ("SCHEDULE", hp["SCHEDULE"] in CHOICES["SCHEDULE"], f"must be one of {', '.join(CHOICES['SCHEDULE'])}"),
-        ("EPOCHS", hp["EPOCHS"] >= 1, "must be at least 1"),
-        ("BATCH_SIZE", hp["BATCH_SIZE"] >= 1, "must be at least 1"),
-        ("TEST_BATCH_SIZE", hp["TEST_BATCH_SIZE"] >= 1, "must be at least 1"),
-        ("LR", hp["LR"] > 0 and hp["LR"] != float("inf"), "must be a positive number"),  # NaN fails `> 0`
-        ("MOMENTUM", 0 <= hp["MOMENTUM"] < 1, "must be in [0, 1)"),
-        ("WEIGHT_DECAY", 0 <= hp["WEIGHT_DECAY"] < float("inf"), "must be 0 or more"),
-        ("STEP_SIZE", hp["STEP_SIZE"] >= 1, "must be at least 1"),
-        ("GAMMA", 0 < hp["GAMMA"] <= 1, "must be in (0, 1]"),
+        ("EPOCHS", whole("EPOCHS", 1), "must be a whole number, at least 1"),
+        ("BATCH_SIZE", whole("BATCH_SIZE", 1), "must be a whole number, at least 1"),
+        ("TEST_BATCH_SIZE", whole("TEST_BATCH_SIZE", 1), "must be a whole number, at least 1"),
+        ("LR", number("LR", 0, float("inf")) and 0 < hp["LR"] < float("inf"), "must be a positive number"),
+        ("MOMENTUM", number("MOMENTUM", 0, 1) and hp["MOMENTUM"] < 1, "must be in [0, 1)"),
+        ("WEIGHT_DECAY", number("WEIGHT_DECAY", 0, float("inf")) and hp["WEIGHT_DECAY"] < float("inf"),
+         "must be 0 or more"),
+        ("STEP_SIZE", whole("STEP_SIZE", 1), "must be a whole number, at least 1"),
+        ("GAMMA", number("GAMMA", 0, 1) and hp["GAMMA"] > 0, "must be in (0, 1]"),
         ("NESTEROV", not hp["NESTEROV"] or hp["MOMENTUM"] > 0, "needs a MOMENTUM above 0"),
+        ("ROTATION", number("ROTATION", 0, 180), "must be a number of degrees from 0 to 180"),
+        ("CROP_P", number("CROP_P", 0, 1), "must be a probability, from 0 to 1"),
+        ("CROP_SIZE", whole("CROP_SIZE", 1) and hp["CROP_SIZE"] <= 28, "must be a whole number of pixels, 1 to 28"),
+        ("SHIFT", whole("SHIFT", 0) and hp["SHIFT"] < 28, "must be a whole number of pixels, 0 to 27"),
+        ("SEED", whole("SEED", 0) and hp["SEED"] < 2 ** 63, "must be a whole number from 0 to 2**63 - 1"),
     ]
     for name, ok, requirement in rules:
         if not ok:
@@ -135,27 +193,63 @@ def check_settings(hp):
 # Run folders and their lock: one writer per folder, and nothing a run wrote is ever overwritten by another.
 
 _held_locks = []  # open lock files: the OS releases their locks when the process ends, however it ends
+# Windows locks byte ranges, and a locked range cannot be read by others: the lock is taken on a byte far past the
+# process id that the file holds, so that a second process can still read who holds it.
+_LOCKED_BYTE = 1 << 20
+_PID_LINE = re.compile(rb"\d{1,20}\n?")  # what a lock file of ours holds: the process id of its last holder
+
+
+def _try_lock(fd, shared=False):
+    """Takes the OS's lock on the open file `fd` without waiting; False if another process holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        elif msvcrt is not None:
+            os.lseek(fd, _LOCKED_BYTE, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:  # BlockingIOError (flock), PermissionError (Windows): held by another process
+        return False
+
+
+def _open_lock_file(folder, flags):
+    """The open lock file of `folder`, never through a link; UserError if it is anything but a file of ours."""
+    path = os.path.join(folder, LOCK)
+    if os.path.islink(path):  # O_NOFOLLOW refuses a link too, where the OS has it; this says why
+        raise UserError(f"{path} is a link: a run's lock is never written through one; remove it and run again")
+    fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0), 0o644)
+    content = os.read(fd, 64) if stat.S_ISREG(os.fstat(fd).st_mode) else b"not a plain file"
+    if content and not _PID_LINE.fullmatch(content):
+        os.close(fd)
+        raise UserError(f"{path} is not a run's lock file (it holds something else): move it out of the folder "
+                        f"and run again")
+    return fd, content.decode().strip()
 
 
 def lock_folder(folder):
-    """Holds an exclusive lock on `folder` for the rest of this process's life; UserError if another process has it."""
+    """Holds an exclusive lock on `folder` for the rest of this process's life; UserError if another process has it.
+
+    The lock is the OS's (flock, or Windows' locking), so it ends with the process, a killed one too. Its file
+    .lock holds the holder's process id, for the message a second process gets; it is written only into a plain
+    file that is empty or holds such an id, never through a link."""
     try:
-        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fd, holder = _open_lock_file(folder, os.O_RDWR | os.O_CREAT)
     except OSError as error:
         raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    if not _try_lock(fd):
         os.close(fd)
-        raise UserError(f"{folder} is in use by another run (process {holder}): wait for it to end, "
+        raise UserError(f"{folder} is in use by another run (process {holder or 'unknown'}): wait for it to end, "
                         f"or choose another --out-dir") from None
     try:
-        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}\n".encode())
+        os.ftruncate(fd, len(f"{os.getpid()}\n"))  # a file of ours (checked above): the last holder's id goes
     except OSError as error:
         os.close(fd)
         raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
+    if fcntl is None and msvcrt is None:
+        print(f"warning: this system has no file lock that Python can use; nothing stops a second run from "
+              f"writing into {folder}", file=sys.stderr)
     _held_locks.append(fd)
 
 
@@ -168,13 +262,14 @@ def release_locks():
 def is_locked(folder):
     """Whether a live process holds `folder`'s lock (a run whose record says 'running' but is not locked was killed)."""
     try:
-        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY)
-    except OSError:
+        fd, _ = _open_lock_file(folder, os.O_RDONLY)
+    except (OSError, UserError):
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
+        if _try_lock(fd, shared=True):
+            if msvcrt is not None and fcntl is None:
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            return False
         return True
     finally:
         os.close(fd)
@@ -249,12 +344,62 @@ def _processor():
         return platform.processor() or platform.machine()
 
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _git(*args):
+    """The output of a git command in the repo, or None where git is missing, fails or takes too long."""
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def code_version():
+    """Which code a run ran: {"commit", "uncommitted_changes", "changes_hash"} in a git checkout (the hash covers
+    the diff against the commit and any new .py file not yet added), else {"source_hash"} of the top-level .py
+    files. The hashes are short (12 hex digits): enough to tell two versions apart in --compare."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is not None:
+        diff = _git("diff", "HEAD", "--binary") or b""
+        new_files = (_git("ls-files", "--others", "--exclude-standard", "-z", "--", "*.py") or b"").split(b"\0")
+        changes = hashlib.sha256(diff)
+        for name in sorted(filter(None, new_files)):
+            changes.update(name + b"\0" + _read_bytes(os.path.join(REPO, os.fsdecode(name))))
+        dirty = bool(diff) or any(new_files)
+        return {"commit": commit.decode().strip(), "uncommitted_changes": dirty,
+                "changes_hash": changes.hexdigest()[:12] if dirty else None}
+    sources = hashlib.sha256()
+    for name in sorted(os.listdir(REPO)):  # the project's modules all stand at the top: no package folder
+        if name.endswith(".py"):
+            sources.update(name.encode() + b"\0" + _read_bytes(os.path.join(REPO, name)))
+    return {"source_hash": sources.hexdigest()[:12]}
+
+
+def _read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def code_label(code):
+    """A short name of a run's code for --compare: the commit's first 7 digits, + the changes' hash if any."""
+    if not code:
+        return "?"
+    if "source_hash" in code:
+        return f"files:{code['source_hash'][:7]}"
+    return code["commit"][:7] + (f"+{code['changes_hash'][:7]}" if code["uncommitted_changes"] else "")
+
+
 def new_record(folder, hp, model, device, amp, argv, mode="train"):
     return {
         "folder": folder, "mode": mode, "status": "running",
         "model": hp["MODEL"], "parameters": sum(p.numel() for p in model.parameters()),
         "hyperparameters": hp, "dry_run": False,
-        "command": shlex.join(["python3", "main_mnist.py", *argv]),
+        "command": shlex.join(["python3", "main_mnist.py", *argv]), "code": code_version(),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
         "device": device_name(device), "precision": "bfloat16 autocast" if amp else "float32",
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -337,7 +482,10 @@ def resumed_settings(args, defaults, checkpoint):
     if fixed:
         raise UserError(f"a resumed run keeps its hyperparameters; only {', '.join(map(flag_name, RESUMABLE))} "
                         f"may change, not {', '.join(fixed)}")
-    hp = {**saved, **given}
+    predates = [name for name in defaults if name not in saved]  # added to the block after the run began
+    if predates:
+        print(f"Note: {args.resume} predates the settings {', '.join(predates)}: the block's values are used")
+    hp = {**defaults, **saved, **given}
     check_settings(hp)
     if hp["EPOCHS"] <= checkpoint["epoch"]:
         raise UserError(f"{args.resume} ends at epoch {checkpoint['epoch']}, so there is nothing left to train: "
@@ -560,14 +708,17 @@ def compare(folders, out_dir):
     if not runs:
         raise UserError(f"no runs to compare in {', '.join(folders) if folders else out_dir}")
     all_settings = [record["hyperparameters"] for _, record, _ in runs]
-    differ = [name for name in all_settings[0] if name not in PLACES
+    # Settings that differ get a column each; EPOCHS has one anyway ("epochs": done/planned).
+    differ = [name for name in all_settings[0] if name not in PLACES and name != "EPOCHS"
               and len({json.dumps(hp.get(name)) for hp in all_settings}) > 1]
+    codes = [code_label(record.get("code")) for _, record, _ in runs]
     rows = []
-    for folder, record, history in runs:
+    for (folder, record, history), code in zip(runs, codes):
         status = run_status(folder, record)
         rows.append({
             "run": os.path.basename(os.path.normpath(folder)), "model": record["model"],
             **{name.lower(): record["hyperparameters"].get(name) for name in differ},
+            **({"code": code} if len(set(codes)) > 1 else {}),
             "epochs": f"{record['epochs_done']}/{record['epochs_planned']}",
             "status": status + ("" if status == "finished" else " *"),
             "final_acc": _percent(record["final_test_acc"]), "best_acc": _percent(record["best_test_acc"]),
@@ -579,7 +730,8 @@ def compare(folders, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     csv_path, png_path = os.path.join(out_dir, COMPARISON_CSV), os.path.join(out_dir, COMPARISON_PNG)
     atomic_write(csv_path, lambda f: f.write(_csv_text(rows).encode()))
-    plot_comparison([{"label": row["run"] + "".join(f", {name}={row[name]}" for name in map(str.lower, differ)),
+    shown = [name.lower() for name in differ] + (["code"] if len(set(codes)) > 1 else [])
+    plot_comparison([{"label": row["run"] + "".join(f", {name}={row[name]}" for name in shown),
                       "history": history, "finished": record["status"] == "finished"}
                      for row, (_, record, history) in zip(rows, runs)], png_path)
     print(f"Saved: {png_path}, {csv_path}")

@@ -19,6 +19,8 @@ from torchsummary import summary
 from torchvision import datasets
 from tqdm import tqdm
 
+from augment import random_augment
+
 
 class UserError(Exception):
     """A problem the person running the script can fix (a damaged data file, a bad checkpoint, ...).
@@ -30,8 +32,6 @@ class UserError(Exception):
 # Data: MNIST decoded once into uint8 tensors on the device, batched, augmented and normalized there.
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of MNIST's training pixels in [0, 1]; the original's Normalize
-ROTATION_DEGREES = 15.0  # RandomRotation((-15., 15.), fill=0)
-CROP_P, CROP_SIZE = 0.1, 22  # RandomApply([CenterCrop(22)], p=0.1), then Resize((28, 28))
 DOWNLOAD_TIMEOUT_S = 15  # per connection: without one, a network that drops packets would hang the run for minutes
 
 # torchvision checks the MD5 of the four .gz files when it downloads them, but once they are decompressed it reads
@@ -129,46 +129,24 @@ def describe_data(train_images, test_images):
     return "\n".join(lines)
 
 
-def augment(images, angles, crop):
-    """The original's training augmentation on a batch, each image with its own parameters.
-
-    images: float [B, 1, H, W] in [0, 1]; angles: [B] degrees, counter-clockwise as PIL's; crop: [B] bool.
-    Done as torchvision does it: the images with crop set are centre-cropped to 22 px and resized back (bilinear),
-    which is a zoom by 28/22 about the centre; then every image is rotated about its centre (nearest neighbour,
-    the corners filled with 0)."""
-    batch = images.shape[0]
-    theta = images.new_zeros(batch, 2, 3)  # maps output to input coordinates, both in [-1, 1]
-    zoom = torch.where(crop, CROP_SIZE / images.shape[-1], 1.0).to(images.dtype)
-    theta[:, 0, 0] = theta[:, 1, 1] = zoom
-    grid = F.affine_grid(theta, images.shape, align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    radians = torch.deg2rad(angles.to(images.dtype))
-    cos, sin = torch.cos(radians), torch.sin(radians)
-    theta = images.new_zeros(batch, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
-    theta[:, 1, 0], theta[:, 1, 1] = sin, cos
-    grid = F.affine_grid(theta, images.shape, align_corners=False)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def random_augment(images):
-    """augment() with the original's random draws: angle uniform in +-15 degrees, crop with probability 0.1."""
-    batch = images.shape[0]
-    angles = torch.empty(batch, device=images.device).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES)
-    crop = torch.rand(batch, device=images.device) < CROP_P
-    return augment(images, angles, crop)
-
-
 class MnistBatches:
     """Normalized (images, labels) batches made on the device from uint8 tensors that live there.
 
     It stands in for a DataLoader: len() is the number of batches, and each pass over it (an epoch) draws a new
     order and new augmentations. No worker processes and no host-to-device copies: MNIST is 55 MB as uint8."""
 
-    def __init__(self, images, labels, batch_size, shuffle=False, augment=False, max_batches=None):
+    def __init__(self, images, labels, batch_size, shuffle=False, augmentation=None, max_batches=None):
         self.images, self.labels = images, labels  # uint8 [N, 28, 28] and int64 [N], on the same device
-        self.batch_size, self.shuffle, self.augment, self.max_batches = batch_size, shuffle, augment, max_batches
+        self.batch_size, self.shuffle, self.max_batches = batch_size, shuffle, max_batches
+        self.augmentation = augmentation  # the settings random_augment() reads (ROTATION, ...), or None: none
+
+    def sample(self, count=8):
+        """The first `count` images, normalized but neither shuffled nor augmented: a batch to check a model on,
+        drawing no random numbers."""
+        return self._normalize(self.images[:count].unsqueeze(1).float().div_(255))
+
+    def _normalize(self, images):
+        return images.sub_(MNIST_MEAN).div_(MNIST_STD).contiguous(memory_format=torch.channels_last)
 
     def __len__(self):
         batches = math.ceil(len(self.labels) / self.batch_size)
@@ -179,20 +157,20 @@ class MnistBatches:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
             images = self.images[index].unsqueeze(1).float().div_(255)
-            if self.augment:
-                images = random_augment(images)
-            images = images.sub_(MNIST_MEAN).div_(MNIST_STD)
-            yield images.contiguous(memory_format=torch.channels_last), self.labels[index]
+            if self.augmentation is not None:
+                images = random_augment(images, self.augmentation)
+            yield self._normalize(images), self.labels[index]
 
 
-def get_trainloader(data_dir="data", batch_size=512, device="cpu", max_batches=None):
-    """The training set, shuffled and augmented anew each epoch, as batches on `device`."""
+def get_trainloader(data_dir, batch_size, device="cpu", max_batches=None, augmentation=None):
+    """The training set, shuffled anew each epoch, as batches on `device`; augmented anew each epoch too where
+    `augmentation` gives the settings of augment.random_augment (main_mnist.py passes its settings)."""
     images, labels = load_mnist(data_dir, train=True)
-    return MnistBatches(images.to(device), labels.to(device), batch_size, shuffle=True, augment=True,
+    return MnistBatches(images.to(device), labels.to(device), batch_size, shuffle=True, augmentation=augmentation,
                         max_batches=max_batches)
 
 
-def get_testloader(data_dir="data", batch_size=512, device="cpu", max_batches=None):
+def get_testloader(data_dir, batch_size, device="cpu", max_batches=None):
     """The test set in its fixed order, normalized only, as batches on `device`."""
     images, labels = load_mnist(data_dir, train=False)
     return MnistBatches(images.to(device), labels.to(device), batch_size, max_batches=max_batches)
@@ -317,6 +295,39 @@ def autocast(device, amp):
 
 class NonFiniteLoss(ArithmeticError):
     """The training loss became NaN or infinite: the weights are garbage from here on."""
+
+
+CLASSES = 10  # the ten digits: a model's forward returns [batch, CLASSES]
+
+
+def loss_function(model, images):
+    """The loss that fits what `model` returns, checked once on a batch of `images` before training: F.nll_loss
+    for log-probabilities (log_softmax, as Net and CompactNet return, and the original), F.cross_entropy for raw
+    scores (logits, as most tutorials write forward). UserError, one line, for an output of another shape or for
+    probabilities (softmax), which neither loss trains well.
+
+    The check runs in eval mode without gradients, and draws no random numbers: training is the same with it."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            output = model(images)
+    except RuntimeError as error:  # a layer that does not fit the input, typically
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"the model's forward fails on a batch of shape {list(images.shape)}: {message}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (len(images), CLASSES):
+        got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise UserError(f"the model's forward must return a tensor of shape [batch, {CLASSES}] (a score or "
+                        f"log-probability per digit), not {got}, for a batch of shape {list(images.shape)}")
+    output = output.float()
+    if bool((output >= 0).all()) and torch.allclose(output.sum(dim=1), torch.ones(len(output)), atol=1e-3):
+        raise UserError("the model's forward returns probabilities (softmax): return log-probabilities "
+                        "(F.log_softmax) or raw scores instead, so that the loss can be computed stably")
+    is_log_probabilities = bool((output <= 0).all()) and torch.allclose(
+        output.logsumexp(dim=1), torch.zeros(len(output)), atol=1e-3)
+    return F.nll_loss if is_log_probabilities else F.cross_entropy
 
 
 def GetCorrectPredCount(pPrediction, pLabels):
@@ -447,10 +458,9 @@ def _suggest_lr(lrs, losses, num_iter):
 
     The suggestion is a tenth of the lr at the lowest loss (LR_RULE). torch-lr-finder's own suggestion, the lr
     where the loss falls fastest, is returned too (steepest_lr) but not used: the smoothed loss lags the raw one
-    by about 20 steps (smooth_f 0.05), so the curve falls fastest late, or even while it recovers from a spike.
-    On MNIST over 3 seeds it said 0.1-0.2 for Net, where its loss blows up, and 0.4-1.1 for CompactNet; a tenth
-    of the minimum said 0.0095-0.014 and 0.11-0.27, beside the lrs known to train them well (0.01, and a one-cycle
-    peak of 0.2)."""
+    by about 20 steps (smooth_f 0.05), so the curve falls fastest late, or even while it recovers from a spike:
+    on MNIST it pointed at lrs where Net's loss blows up. README ("A learning rate") gives what each rule said
+    for each model over 3 seeds, beside the lrs known to train them well."""
     finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
     lrs, losses = lrs[:finite], losses[:finite]  # a NaN loss never counts as diverged there: drop it and after
     # Both libraries leave out the first tenth of the steps (noise around the initial loss) and the last 5 of 100

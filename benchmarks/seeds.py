@@ -17,8 +17,11 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import runs  # noqa: E402  (the repo root: the run folders' lock)
 PRECISION_FLAGS = {"bfloat16": [], "float32": ["--no-amp"]}
 
 
@@ -27,12 +30,20 @@ def run_folder(out_dir, model, precision, seed):
 
 
 def train(folder, model, precision, seed, extra):
-    """Trains one run into `folder`, or resumes it there if it was stopped."""
+    """Trains one run into `folder`, or resumes it there if it was stopped. A run stopped in its first epoch left
+    no checkpoint, so nothing to resume: its folder is moved aside (kept, with a name that says so) and the run
+    starts again."""
     script = os.path.join(REPO, "main_mnist.py")
     checkpoint = os.path.join(folder, "checkpoint.pt")
     if os.path.exists(checkpoint):
         command = [sys.executable, script, "--resume", checkpoint]
     else:
+        if os.path.exists(folder):
+            if runs.is_locked(folder):
+                sys.exit(f"error: {folder} is in use by a run that is still going: wait for it to end")
+            aside = f"{folder}.stopped-in-epoch-1-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+            os.rename(folder, aside)
+            print(f"{folder} stopped in its first epoch, with nothing to resume: moved to {aside}", flush=True)
         command = [sys.executable, script, "--model", model, "--seed", str(seed), *PRECISION_FLAGS[precision],
                    "--out-dir", folder, *extra]
     print("running:", " ".join(command), flush=True)

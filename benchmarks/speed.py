@@ -131,7 +131,7 @@ def main():
     print(f"torch {torch.__version__} on {device} ({name}); mixed precision of (b) and (c): "
           f"{'bfloat16' if amp else 'off'}; batch {BATCH}, {args.steps} timed steps per path")
 
-    train_loader = utils.get_trainloader(args.data_dir, BATCH, device)
+    train_loader = utils.get_trainloader(args.data_dir, BATCH, device, augmentation=main_mnist.SETTINGS)
     test_loader = utils.get_testloader(args.data_dir, main_mnist.TEST_BATCH_SIZE, device)
     a = original_path(args.data_dir, device, args.steps)
     b = project_path(train_loader, device, amp, args.steps)

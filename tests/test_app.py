@@ -157,8 +157,9 @@ def test_nothing_drawn_says_so(page):
 
 def test_no_trained_model_is_a_one_line_error(demo_extras, tmp_path, monkeypatch, capsys):
     import app
-    monkeypatch.chdir(tmp_path)  # no outputs/ here
+    from main_mnist import OUT_DIR
+    monkeypatch.chdir(tmp_path)  # no OUT_DIR here
     with pytest.raises(SystemExit) as stop:
         app.main([])
-    assert str(stop.value.code).startswith("error: no trained model in outputs/")
+    assert str(stop.value.code).startswith(f"error: no trained model in {OUT_DIR}/")
     assert "python3 main_mnist.py" in str(stop.value.code) and "\n" not in str(stop.value.code)

@@ -29,3 +29,17 @@ def test_seed_table_gives_each_run_and_min_mean_max_per_precision(tmp_path, caps
     assert "| float32 | 1 | 99.20 / 99.40 / 99.30 | 99.30 | 99.40 (3) | 11.5 |" in out  # median: 50 s is ignored
     assert "| float32 | 2 | 99.10 / 99.00 / 99.50 | 99.50 | 99.50 (4) | 9.0 |" in out
     assert "| **float32**, 2 seeds | min / mean / max | lowest: 99.00 | 99.30 / 99.400 / 99.50 |" in out
+
+
+def test_a_run_stopped_in_its_first_epoch_is_moved_aside_and_trained_again(tmp_path, monkeypatch, capsys):
+    folder = seeds.run_folder(str(tmp_path), "CompactNet", "float32", 3)
+    os.makedirs(folder)
+    for name in ("run.json", "samples.png"):  # what a run killed before its first checkpoint leaves
+        open(os.path.join(folder, name), "w").close()
+    commands = []
+    monkeypatch.setattr(seeds.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    seeds.train(folder, "CompactNet", "float32", 3, ["--data-dir", "data"])
+    (aside,) = [name for name in os.listdir(tmp_path) if ".stopped-in-epoch-1-" in name]
+    assert sorted(os.listdir(tmp_path / aside)) == ["run.json", "samples.png"]  # kept, not deleted
+    assert "--resume" not in commands[0] and commands[0][-4:] == ["--out-dir", folder, "--data-dir", "data"]
+    assert "nothing to resume" in capsys.readouterr().out

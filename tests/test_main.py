@@ -1,4 +1,5 @@
 import csv
+import itertools
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from conftest import REPO
 from model import CompactNet, Net
 
 FAST = ["--batch-size", "16", "--test-batch-size", "16"]  # tiny_mnist: 4 training and 2 test batches per epoch
+EXTENSIBLE = ["--schedule", "step"]  # a run that --resume --epochs N may lengthen (a one-cycle run's length is fixed)
 HELPS = runs.setting_comments(main_mnist.__file__)
 
 
@@ -48,17 +50,19 @@ def exit_message(argv):
 
 # ---- Command line ----
 
+def help_of(flag, text):
+    """The help text of one flag in --help's output, on one line."""
+    line = next(line for line in text.splitlines() if line.strip().startswith(flag))
+    return " ".join(text[text.index(line):].split("\n  --")[0].split())
+
+
 def test_help_lists_every_hyperparameter_with_its_default():
     result = run_script("--help")
     assert result.returncode == 0
-    for flag, default in [("--epochs", "20"), ("--batch-size", "512"), ("--lr", "0.01"), ("--momentum", "0.9"),
-                          ("--step-size", "15"), ("--gamma", "0.1"), ("--seed", "1"), ("--data-dir", "data"),
-                          ("--out-dir", "outputs"), ("--dry-run", None), ("--resume", None), ("--eval-only", None)]:
+    for name, default in main_mnist.SETTINGS.items():
+        assert f"(default: {default}" in help_of(runs.flag_name(name), result.stdout)
+    for flag in ("--dry-run", "--resume", "--eval-only", "--find-lr", "--compare"):
         assert flag in result.stdout
-        if default is not None:
-            line = next(line for line in result.stdout.splitlines() if line.strip().startswith(flag))
-            following = result.stdout[result.stdout.index(line):].split("\n  --")[0]
-            assert f"(default: {default}" in following
 
 
 def settings_of(argv):
@@ -68,24 +72,30 @@ def settings_of(argv):
 
 
 def test_flags_override_the_constants_and_the_rest_keep_them():
-    hp = settings_of(["--epochs", "1", "--batch-size", "128", "--lr", "0.05", "--no-amp", "--out-dir", "elsewhere"])
-    assert (hp["EPOCHS"], hp["BATCH_SIZE"], hp["LR"], hp["AMP"], hp["OUT_DIR"]) == (1, 128, 0.05, False, "elsewhere")
-    assert (hp["MOMENTUM"], hp["STEP_SIZE"], hp["GAMMA"], hp["SEED"]) == (0.9, 15, 0.1, main_mnist.SEED)
-    assert (hp["MODEL"], hp["SCHEDULE"], hp["DATA_DIR"]) == ("Net", "step", "data")
+    flags = {"EPOCHS": 7, "BATCH_SIZE": 96, "LR": 0.0375, "AMP": not main_mnist.AMP, "OUT_DIR": "elsewhere"}
+    hp = settings_of(["--epochs", "7", "--batch-size", "96", "--lr", "0.0375", "--amp" if flags["AMP"] else "--no-amp",
+                      "--out-dir", "elsewhere"])
+    assert hp == {**main_mnist.SETTINGS, **flags}
 
 
 def test_model_selects_its_recipe_and_flags_still_override_it():
     compact = settings_of(["--model", "CompactNet"])
-    assert compact == {**settings_of([]), **main_mnist.RECIPES["CompactNet"], "MODEL": "CompactNet"}
-    assert compact["EPOCHS"] <= 15 and compact["SCHEDULE"] == "onecycle"
+    assert compact == {**main_mnist.SETTINGS, **main_mnist.RECIPES["CompactNet"], "MODEL": "CompactNet"}
     overridden = settings_of(["--model", "CompactNet", "--epochs", "3", "--lr", "0.1"])
-    assert (overridden["EPOCHS"], overridden["LR"], overridden["BATCH_SIZE"]) == (3, 0.1, compact["BATCH_SIZE"])
+    assert overridden == {**compact, "EPOCHS": 3, "LR": 0.1}
+
+
+def test_a_model_chosen_in_the_block_trains_with_the_block_as_it_is(monkeypatch):
+    monkeypatch.setitem(main_mnist.SETTINGS, "MODEL", "CompactNet")  # as if MODEL = "CompactNet" were edited in
+    assert settings_of([]) == main_mnist.SETTINGS  # no recipe replaces what the block says
 
 
 def test_help_shows_both_recipes():
     out = run_script("--help").stdout
-    assert "--model {Net,CompactNet}" in out
-    assert "(default: 20; CompactNet: 15)" in out and "(default: 0.01; CompactNet: 0.2)" in out
+    assert "--model {" + ",".join(main_mnist.RECIPES) + "}" in out
+    for model, recipe in main_mnist.RECIPES.items():
+        for name, value in recipe.items():
+            assert f"; {model}: {value}" in help_of(runs.flag_name(name), out)
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -109,7 +119,8 @@ def test_every_setting_has_its_meaning_from_the_comment_beside_it():
     help_text = " ".join(run_script("--help").stdout.split())
     for name in main_mnist.SETTINGS:
         assert f"{runs.flag_name(name)} " in help_text and " ".join(HELPS[name].split()) in help_text
-    assert "training images per SGD step (default: 512; CompactNet: 128)" in " ".join(help_text.split())
+    batch = f"(default: {main_mnist.BATCH_SIZE}; CompactNet: {main_mnist.RECIPES['CompactNet']['BATCH_SIZE']})"
+    assert f"{HELPS['BATCH_SIZE']} {batch}" in help_text
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -136,19 +147,28 @@ def test_an_output_folder_that_cannot_be_written_is_found_before_training(tiny_m
 
 def test_dry_run_end_to_end_on_real_mnist_writes_the_three_outputs(real_data_dir, tmp_path):
     out_dir = tmp_path / "out"
-    result = run_script("--epochs", "1", "--dry-run", "--data-dir", real_data_dir, "--out-dir", str(out_dir))
+    result = run_script("--model", "Net", "--epochs", "1", "--dry-run", "--data-dir", real_data_dir, "--out-dir",
+                        str(out_dir))
     assert result.returncode == 0, result.stderr
     assert "Total params: 593,200" in result.stdout and "Epoch 1/1" in result.stdout
     assert "Train: 100%" in result.stderr  # the tqdm bar
     rows = read_metrics(out_dir, drop=())
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
-    assert len(rows) == 1 and 0 <= float(rows[0]["test_acc"]) <= 100
     with open(out_dir / "accuracy_loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    Net().load_state_dict(torch.load(out_dir / "model.pt", weights_only=True))
+    # The saved model is the one that was scored: it gets the same accuracy on the dry run's one test batch
+    model = Net().to(memory_format=torch.channels_last)
+    model.load_state_dict(torch.load(out_dir / "model.pt", weights_only=True))
+    record = json.loads((out_dir / "run.json").read_text())
+    amp = record["precision"].startswith("bfloat16")
+    test_batch = utils.get_testloader(real_data_dir, main_mnist.TEST_BATCH_SIZE, max_batches=1)
+    assert len(rows) == 1 and float(rows[0]["test_acc"]) == pytest.approx(
+        utils.test(model, "cpu", test_batch, F.nll_loss, amp)[1], abs=1e-4)
     for name in ("metrics.csv", "accuracy_loss.png", "model.pt", "run.json"):
         assert str(out_dir / name) in result.stdout  # the paths are printed at the end
-    assert result.stdout.startswith(f"Run folder: {out_dir}\n")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Settings (") and "MODEL=Net [flag]" in result.stdout  # first, what the run uses
+    assert f"Run folder: {out_dir}" in lines
 
 
 def test_same_seed_same_metrics(tiny_mnist, tmp_path, cpu_only):
@@ -158,7 +178,7 @@ def test_same_seed_same_metrics(tiny_mnist, tmp_path, cpu_only):
 
 
 def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mnist, tmp_path, cpu_only):
-    common = ["--data-dir", tiny_mnist, *FAST]
+    common = ["--data-dir", tiny_mnist, *FAST, *EXTENSIBLE]
     main_mnist.main(common + ["--out-dir", str(tmp_path / "whole"), "--epochs", "3"])
     main_mnist.main(common + ["--out-dir", str(tmp_path / "split"), "--epochs", "1"])
     main_mnist.main(["--resume", str(tmp_path / "split" / "checkpoint.pt"), "--epochs", "3"])
@@ -166,14 +186,14 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mni
     assert [row["epoch"] for row in split] == ["1", "2", "3"]
     assert split == whole
     checkpoint = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
-    assert checkpoint["epoch"] == 3 and checkpoint["hyperparameters"]["MODEL"] == "Net"
+    assert checkpoint["epoch"] == 3 and checkpoint["hyperparameters"]["MODEL"] == main_mnist.MODEL
     assert set(checkpoint) >= {"model", "optimizer", "scheduler", "history", "rng"}
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(real_data_dir, tmp_path, stop_signal, cpu_only):
     out_dir = tmp_path / "out"
-    common = ["--dry-run", "--data-dir", real_data_dir, *FAST]
+    common = ["--dry-run", "--data-dir", real_data_dir, *FAST, *EXTENSIBLE]
     process = subprocess.Popen([sys.executable, "main_mnist.py", *common, "--epochs", "1000", "--out-dir",
                                 str(out_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -249,7 +269,7 @@ def test_bad_resume_paths_get_a_clear_message(tmp_path, content, expected):
 
 
 def test_resuming_a_checkpoint_as_another_model_is_refused(tiny_mnist, tmp_path):
-    main_mnist.main(["--data-dir", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "1", *FAST])
+    main_mnist.main(["--model", "Net", "--data-dir", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "1", *FAST])
     message = exit_message(["--resume", str(tmp_path / "checkpoint.pt"), "--model", "CompactNet"])
     assert "belongs to a Net run" in message
 
@@ -258,7 +278,8 @@ def test_compact_net_trains_with_its_one_cycle_recipe_and_prints_its_summary(tin
     main_mnist.main(["--model", "CompactNet", "--data-dir", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "2",
                      *FAST])
     out = capsys.readouterr().out
-    assert "Total params: 7,702" in out and "Epoch 2/2" in out
+    assert f"Total params: {sum(p.numel() for p in CompactNet().parameters()):,}" in out and "Epoch 2/2" in out
+    assert "SCHEDULE=onecycle [recipe]" in out and "EPOCHS=2 [flag]" in out
     rows = read_metrics(tmp_path)
     assert float(rows[0]["lr"]) > float(rows[1]["lr"])  # one cycle: the lr comes back down by the end
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -301,9 +322,15 @@ def test_missing_data_and_no_network_stop_the_script_within_seconds(tmp_path, no
 
 # ---- Real data ----
 
+# The original's recipe, as flags: what a test of it trains, whatever the block says now (README, "Changing it").
+ORIGINAL = ["--model", "Net", "--lr", "0.01", "--momentum", "0.9", "--no-nesterov", "--weight-decay", "0",
+            "--schedule", "step", "--rotation", "15", "--crop-p", "0.1", "--crop-size", "22", "--shift", "0"]
+
+
 def test_one_epoch_of_net_on_real_mnist_reaches_97_percent(real_data_dir, tmp_path):
     # Batch 64 takes 938 steps in the epoch, enough for Net to leave the plateau where it starts at lr 0.01.
-    main_mnist.main(["--data-dir", real_data_dir, "--out-dir", str(tmp_path), "--epochs", "1", "--batch-size", "64"])
+    main_mnist.main([*ORIGINAL, "--data-dir", real_data_dir, "--out-dir", str(tmp_path), "--epochs", "1",
+                     "--batch-size", "64"])
     assert float(read_metrics(tmp_path)[0]["test_acc"]) >= 97.0
 
 
@@ -329,11 +356,27 @@ def test_eval_only_scores_a_saved_model_and_writes_the_diagnostics(tiny_mnist, t
 @pytest.mark.parametrize("argv, expected", [
     (["--eval-only"], "needs --checkpoint"),
     (["--checkpoint", "outputs/model.pt"], "goes with --eval-only"),
-    (["--eval-only", "--checkpoint", "model.pt", "--resume", "checkpoint.pt"], "to only evaluate"),
-    (["--eval-only", "--checkpoint", "nowhere.pt"], "no model file at"),
 ])
-def test_eval_only_without_a_usable_model_file_says_so(argv, expected):
-    assert expected in exit_message(argv)
+def test_eval_only_and_checkpoint_go_together(argv, expected, capsys):
+    assert exit_message(argv) == 2  # stopped by the parser, before any work
+    error = capsys.readouterr().err
+    assert expected in error and len(error.strip().splitlines()) == 1
+
+
+def test_eval_only_without_a_usable_model_file_says_so():
+    assert "no model file at" in exit_message(["--eval-only", "--checkpoint", "nowhere.pt"])
+
+
+MODES = {"--compare": ["--compare", "runs/a"], "--eval-only": ["--eval-only", "--checkpoint", "model.pt"],
+         "--find-lr": ["--find-lr"], "--resume": ["--resume", "checkpoint.pt"]}
+
+
+@pytest.mark.parametrize("first, second", list(itertools.combinations(MODES, 2)))
+def test_modes_that_exclude_each_other_stop_at_the_parser(first, second, capsys):
+    assert exit_message([*MODES[first], *MODES[second]]) == 2
+    error = capsys.readouterr().err
+    assert f"argument {second}: not allowed with argument {first}" in error
+    assert len(error.strip().splitlines()) == 1
 
 
 def test_eval_only_names_the_model_that_plain_weights_fit(tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 import predict
 import runs
+from main_mnist import OUT_DIR
 from utils import UserError, load_mnist, mnist_batch, to_mnist
 
 
@@ -147,13 +148,13 @@ def finished_run(parent, name, model_file, status="finished"):
 
 def test_the_default_model_is_the_newest_finished_run(trained_model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    finished_run(tmp_path / "outputs", "2025-01-01_09-00-00_CompactNet", trained_model)
-    finished_run(tmp_path / "outputs", "2025-01-02_09-00-00_CompactNet", trained_model)
-    finished_run(tmp_path / "outputs", "2025-01-03_09-00-00_CompactNet", trained_model, status="stopped")
+    finished_run(tmp_path / OUT_DIR, "2025-01-01_09-00-00_CompactNet", trained_model)
+    finished_run(tmp_path / OUT_DIR, "2025-01-02_09-00-00_CompactNet", trained_model)
+    finished_run(tmp_path / OUT_DIR, "2025-01-03_09-00-00_CompactNet", trained_model, status="stopped")
     seven_on_paper().save("seven.png")
     code, out, err = run_predict(capsys, "seven.png")
     assert code == 0 and err == ""
-    newest = os.path.join("outputs", "2025-01-02_09-00-00_CompactNet", "model.pt")
+    newest = os.path.join(OUT_DIR, "2025-01-02_09-00-00_CompactNet", "model.pt")
     assert f"Model: CompactNet from {newest} (the newest finished run)" in out
     assert "seven.png: 7 " in out and "Saved: predictions.png" in out and os.path.isfile("predictions.png")
 
@@ -163,5 +164,27 @@ def test_no_finished_run_says_how_to_train_one(tmp_path, monkeypatch, capsys):
     seven_on_paper().save("seven.png")
     code, out, err = run_predict(capsys, "seven.png")
     assert isinstance(code, str) and "\n" not in code
-    assert code.startswith("error: no trained model in outputs/") and "python3 main_mnist.py" in code
+    assert code.startswith(f"error: no trained model in {OUT_DIR}/") and "python3 main_mnist.py" in code
     assert not os.path.exists("predictions.png")
+
+
+@pytest.mark.parametrize("mode, suffix", [("P", "png"), ("1", "png"), ("CMYK", "jpg"), ("I;16", "png"), ("LA", "png")],
+                         ids=["palette", "1-bit", "CMYK", "16-bit", "grey+alpha"])
+def test_images_of_every_pixel_format_are_read_as_their_greyscale_twin(mode, suffix, trained_model, tmp_path, capsys):
+    grey = seven_on_paper(paper=255, ink=0)
+    if mode == "I;16":  # 16-bit grey, as scanners save it: 0-65535
+        image = Image.fromarray((np.asarray(grey).astype(np.uint16) * 257))
+    else:
+        image = grey.convert(mode)
+    path = tmp_path / f"seven.{suffix}"
+    image.save(path)
+    with Image.open(path) as saved:
+        assert saved.mode == mode
+    grey.save(tmp_path / "grey.png")
+    code, out, err = run_predict(capsys, path, tmp_path / "grey.png", "--checkpoint", trained_model,
+                                 "--out", tmp_path / "p.png")
+    assert code == 0 and err == ""
+    answers = re.findall(r"^\S+: (\d)   top 3: (\d) (\d+\.\d)%", out, re.MULTILINE)
+    assert len(answers) == 2 and answers[0][0] == answers[1][0] == "7"
+    if mode != "CMYK":  # JPEG's compression changes a few grey levels; the others are exactly the same pixels
+        assert answers[0] == answers[1]

@@ -15,13 +15,14 @@ import main_mnist
 import runs
 import utils
 from conftest import REPO
-from test_main import FAST, exit_message, read_metrics, run_script
+from model import MODELS
+from test_main import EXTENSIBLE, FAST, exit_message, read_metrics, run_script
 from test_utils import assert_png
 
 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
-    """Runs with their default folders: OUT_DIR (outputs/) lands in a fresh temporary working directory."""
+    """Runs with their default folders: OUT_DIR lands in a fresh temporary working directory."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -39,21 +40,22 @@ def folder_contents(folder):
 
 def test_two_default_runs_get_two_folders_and_both_keep_their_files(tiny_mnist, in_tmp, capsys):
     train(tiny_mnist)
-    train(tiny_mnist, "--lr", "0.05")
-    folders = sorted((in_tmp / "outputs").iterdir())
+    train(tiny_mnist, "--lr", "0.0375")
+    folders = sorted((in_tmp / main_mnist.OUT_DIR).iterdir())
     assert len(folders) == 2
-    for folder in folders:
-        assert folder.name.endswith(("_Net", "_Net-2"))  # started in the same second: the second one gets -2
+    for folder in folders:  # started in the same second: the second one gets -2
+        assert folder.name.endswith((f"_{main_mnist.MODEL}", f"_{main_mnist.MODEL}-2"))
         assert {"run.json", "checkpoint.pt", "metrics.csv", "accuracy_loss.png", "model.pt"} <= set(os.listdir(folder))
-    assert [json.loads((f / "run.json").read_text())["hyperparameters"]["LR"] for f in folders] == [0.01, 0.05]
+    lrs = [json.loads((f / "run.json").read_text())["hyperparameters"]["LR"] for f in folders]
+    assert lrs == [main_mnist.LR, 0.0375]
     out = capsys.readouterr().out
     for folder in folders:  # each run says where it writes, at its start and at its end
-        assert out.count(f"Run folder: {os.path.join('outputs', folder.name)}") == 2
+        assert out.count(f"Run folder: {os.path.join(main_mnist.OUT_DIR, folder.name)}") == 2
 
 
 def test_run_folders_sort_by_start_and_name_the_model(tiny_mnist, in_tmp):
     train(tiny_mnist, "--model", "CompactNet")
-    (folder,) = (in_tmp / "outputs").iterdir()
+    (folder,) = (in_tmp / main_mnist.OUT_DIR).iterdir()
     date, clock, model = folder.name.split("_")
     assert len(date) == 10 and len(clock) == 8 and model == "CompactNet"  # 2026-11-25_11-20-03_CompactNet
 
@@ -72,7 +74,9 @@ def test_record_says_what_the_run_was_and_how_it_went(tiny_mnist, tmp_path):
     out_dir = tmp_path / "exp"
     train(tiny_mnist, "--out-dir", str(out_dir), "--lr", "0.02")
     record = json.loads((out_dir / "run.json").read_text())
-    assert record["status"] == "finished" and record["model"] == "Net" and record["parameters"] == 593_200
+    model = MODELS[main_mnist.MODEL]()
+    assert record["status"] == "finished" and record["model"] == main_mnist.MODEL
+    assert record["parameters"] == sum(p.numel() for p in model.parameters())
     assert record["hyperparameters"] == {**main_mnist.SETTINGS, "LR": 0.02, "EPOCHS": 1, "BATCH_SIZE": 16,
                                          "TEST_BATCH_SIZE": 16, "DATA_DIR": tiny_mnist, "OUT_DIR": str(out_dir)}
     assert "--lr 0.02" in record["command"] and record["command"].startswith("python3 main_mnist.py")
@@ -86,7 +90,7 @@ def test_record_says_what_the_run_was_and_how_it_went(tiny_mnist, tmp_path):
 
 def test_resume_continues_in_the_checkpoints_own_folder(tiny_mnist, tmp_path):
     out_dir = tmp_path / "exp"
-    train(tiny_mnist, "--out-dir", str(out_dir))
+    train(tiny_mnist, "--out-dir", str(out_dir), *EXTENSIBLE)
     main_mnist.main(["--resume", str(out_dir / "checkpoint.pt"), "--epochs", "2"])
     assert [row["epoch"] for row in read_metrics(out_dir)] == ["1", "2"]
     assert json.loads((out_dir / "run.json").read_text())["epochs_done"] == 2
@@ -96,12 +100,12 @@ def test_resume_continues_in_the_checkpoints_own_folder(tiny_mnist, tmp_path):
 
 def test_eval_only_writes_into_a_folder_of_its_own(tiny_mnist, in_tmp):
     train(tiny_mnist)
-    (run_folder,) = (in_tmp / "outputs").iterdir()
+    (run_folder,) = (in_tmp / main_mnist.OUT_DIR).iterdir()
     before = folder_contents(run_folder)
     main_mnist.main(["--eval-only", "--checkpoint", str(run_folder / "model.pt"), "--data-dir", tiny_mnist])
     assert folder_contents(run_folder) == before
-    (eval_folder,) = [f for f in (in_tmp / "outputs").iterdir() if f != run_folder]
-    assert eval_folder.name.endswith("_Net_eval")
+    (eval_folder,) = [f for f in (in_tmp / main_mnist.OUT_DIR).iterdir() if f != run_folder]
+    assert eval_folder.name.endswith(f"_{main_mnist.MODEL}_eval")
     assert {"misclassified.png", "confusion_matrix.png", "run.json"} <= set(os.listdir(eval_folder))
 
 
@@ -110,7 +114,7 @@ def test_eval_only_writes_into_a_folder_of_its_own(tiny_mnist, in_tmp):
 def test_a_second_process_on_a_locked_folder_stops_while_the_first_finishes(real_data_dir, tmp_path):
     out_dir = tmp_path / "exp"
     first = subprocess.Popen([sys.executable, "main_mnist.py", "--dry-run", "--epochs", "40", "--data-dir",
-                              real_data_dir, "--out-dir", str(out_dir), *FAST], cwd=REPO, stdout=subprocess.PIPE,
+                              real_data_dir, "--out-dir", str(out_dir), *FAST, *EXTENSIBLE], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out_dir / "metrics.csv").exists():
@@ -130,7 +134,7 @@ def test_a_second_process_on_a_locked_folder_stops_while_the_first_finishes(real
 def test_a_killed_run_leaves_no_stale_lock_and_shows_as_killed(real_data_dir, tmp_path, capsys):
     out_dir = tmp_path / "exp"
     process = subprocess.Popen([sys.executable, "main_mnist.py", "--dry-run", "--epochs", "1000", "--data-dir",
-                                real_data_dir, "--out-dir", str(out_dir), *FAST], cwd=REPO,
+                                real_data_dir, "--out-dir", str(out_dir), *FAST, *EXTENSIBLE], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (out_dir / "metrics.csv").exists():
@@ -253,27 +257,30 @@ def test_compare_lists_what_differs_and_writes_a_figure_and_a_table(tiny_mnist, 
     assert header == ["run", "model", "lr", "epochs", "status", "final_acc", "best_acc", "best_epoch", "seconds"]
     assert [line.split()[2] for line in out[1:4]] == ["0.01", "0.02", "0.05"]
     assert all(line.split()[3:5] == ["1/1", "finished"] for line in out[1:4])
-    assert_png(in_tmp / "outputs" / "comparison.png")
-    with open(in_tmp / "outputs" / "comparison.csv") as f:
+    assert_png(in_tmp / main_mnist.OUT_DIR / "comparison.png")
+    with open(in_tmp / main_mnist.OUT_DIR / "comparison.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["lr"] for row in rows] == ["0.01", "0.02", "0.05"]
-    record = json.loads((in_tmp / "outputs" / rows[2]["run"] / "run.json").read_text())
+    record = json.loads((in_tmp / main_mnist.OUT_DIR / rows[2]["run"] / "run.json").read_text())
     assert rows[2]["final_acc"] == f"{record['final_test_acc']:.2f}"
 
 
 def test_compare_marks_unfinished_runs_and_skips_folders_without_a_record(tiny_mnist, in_tmp, capsys):
-    train(tiny_mnist)
-    train(tiny_mnist, "--epochs", "2", "--seed", "2")
-    (in_tmp / "outputs" / "notes").mkdir()
-    unfinished = sorted((in_tmp / "outputs").glob("*_Net*"))[1]
+    train(tiny_mnist, "--seed", str(main_mnist.SEED))
+    train(tiny_mnist, "--epochs", "2", "--seed", str(main_mnist.SEED + 1))
+    (in_tmp / main_mnist.OUT_DIR / "notes").mkdir()
+    unfinished = sorted((in_tmp / main_mnist.OUT_DIR).glob(f"*_{main_mnist.MODEL}*"))[1]
     record = json.loads((unfinished / "run.json").read_text())
     (unfinished / "run.json").write_text(json.dumps({**record, "status": "stopped", "epochs_done": 1}))
     capsys.readouterr()
-    main_mnist.main(["--compare", *map(str, sorted((in_tmp / "outputs").iterdir()))])
+    main_mnist.main(["--compare", *map(str, sorted((in_tmp / main_mnist.OUT_DIR).iterdir()))])
     out = capsys.readouterr().out
-    assert "skipped outputs/notes: no readable run.json" in out.replace(str(in_tmp) + os.sep, "")
-    assert "stopped *" in out and "1/2" in out and "* unfinished" in out
-    assert "epochs" in out.splitlines()[1] and "seed" in out.splitlines()[1]  # the two settings that differ
+    assert f"skipped {main_mnist.OUT_DIR}/notes: no readable run.json" in out.replace(str(in_tmp) + os.sep, "")
+    assert "stopped *" in out and "* unfinished" in out
+    header, *rows = [line.split() for line in out.splitlines()[1:4]]
+    # The settings that differ: the seed gets a column; EPOCHS shows in the one column of epochs done/planned
+    assert header == ["run", "model", "seed", "epochs", "status", "final_acc", "best_acc", "best_epoch", "seconds"]
+    assert [row[2:4] for row in rows] == [[str(main_mnist.SEED), "1/1"], [str(main_mnist.SEED + 1), "1/2"]]
 
 
 def test_compare_with_no_runs_says_so(in_tmp):

@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import utils
 from model import Net
-from utils import (GetCorrectPredCount, MnistBatches, UserError, NonFiniteLoss, augment, get_testloader,
-                   get_trainloader, load_mnist, model_summary)
+from utils import (GetCorrectPredCount, MnistBatches, UserError, NonFiniteLoss, get_testloader, get_trainloader,
+                   load_mnist, model_summary)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+AUGMENTED = {"ROTATION": 15.0, "CROP_P": 0.5, "CROP_SIZE": 22, "SHIFT": 2}  # every kind on, whatever the block says
 
 
 # ---- Data ----
@@ -64,14 +65,14 @@ def test_missing_data_without_network_stops_at_once_with_what_to_do(tmp_path, no
 
 @pytest.mark.parametrize("name", ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte"])
 def test_a_damaged_data_file_is_named_and_never_downloaded_over(tiny_mnist, name):
-    get_testloader(tiny_mnist)  # extracts the .gz files, so both kinds of file exist
+    get_testloader(tiny_mnist, batch_size=16)  # extracts the .gz files, so both kinds of file exist
     path = os.path.join(tiny_mnist, "MNIST", "raw", name)
     with open(path, "rb") as f:
         truncated = f.read()[:-100]
     with open(path, "wb") as f:
         f.write(truncated)
     with pytest.raises(UserError, match="damaged") as error:
-        get_trainloader(tiny_mnist)
+        get_trainloader(tiny_mnist, batch_size=16)
     assert path in str(error.value) and "Delete it" in str(error.value)
     with open(path, "rb") as f:
         assert f.read() == truncated
@@ -85,46 +86,11 @@ def smooth_digits(count=16):
     return (F.pad(strokes, (4, 4, 4, 4)) * 255).round().to(torch.uint8)
 
 
-def torchvision_augment(image, angle, crop):
-    """The original's transforms with fixed parameters, on one uint8 [1, 28, 28] image."""
-    pil = Image.fromarray(image[0].numpy())
-    if crop:
-        pil = TF.center_crop(pil, 22)
-    pil = TF.resize(pil, [28, 28])
-    pil = TF.rotate(pil, angle, fill=0)
-    return TF.to_tensor(pil)
-
-
-@pytest.mark.parametrize("angle", [-15.0, -7.5, 0.0, 4.0, 15.0])
-@pytest.mark.parametrize("crop", [False, True])
-def test_batched_augmentation_matches_torchvisions_transforms(angle, crop):
-    images = smooth_digits()
-    expected = torch.stack([torchvision_augment(image, angle, crop) for image in images])
-    batch = len(images)
-    ours = augment(images.float() / 255, torch.full((batch,), angle), torch.full((batch,), crop))
-    difference = (ours - expected).abs()
-    if crop:  # torchvision resizes in 8-bit fixed point and rounds to uint8 before rotating
-        assert difference.mean() < 0.003 and torch.quantile(difference.flatten(), 0.99) < 0.03
-    else:  # both are nearest-neighbour rotations about the centre: the same pixels, but for rare exact ties
-        assert (difference > 1e-4).float().mean() < 0.002
-
-
-def test_random_augmentation_draws_the_originals_parameters(monkeypatch):
-    drawn = {}
-    monkeypatch.setattr(utils, "augment", lambda images, angles, crop: drawn.update(angles=angles, crop=crop))
-    torch.manual_seed(0)
-    utils.random_augment(torch.zeros(20_000, 1, 28, 28))
-    angles, crop = drawn["angles"], drawn["crop"]
-    assert -15 <= angles.min() < -14.9 and 14.9 < angles.max() <= 15  # uniform over +-15 degrees
-    assert abs(angles.mean()) < 0.2
-    assert 0.09 < crop.float().mean() < 0.11  # the centre crop with p = 0.1
-
-
 def test_batches_are_channels_last_and_augmented_only_for_training():
     images = smooth_digits(8)[:, 0]
     labels = torch.arange(8)
     plain = next(iter(MnistBatches(images, labels, batch_size=8)))[0]
-    augmented = next(iter(MnistBatches(images, labels, batch_size=8, augment=True)))[0]
+    augmented = next(iter(MnistBatches(images, labels, batch_size=8, augmentation=AUGMENTED)))[0]
     assert plain.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(plain, (images.unsqueeze(1).float() / 255 - 0.1307) / 0.3081)
     assert not torch.allclose(plain, augmented)
@@ -204,6 +170,72 @@ def test_test_reports_accuracy_and_mean_loss_with_either_criterion(criterion, ca
     assert "Accuracy: 7/10 (70.00%)" in capsys.readouterr().out
 
 
+class ScoresNet(Net):
+    """Net as most tutorials write forward: raw scores (logits) out, for cross_entropy."""
+
+    def forward(self, x):
+        return super().forward(x) + 3.0  # scores: any shift of log-probabilities gives the same softmax
+
+
+class Returns(nn.Module):
+    """A 'model' whose forward returns what it is given to return, for a batch of any size."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def forward(self, x):
+        return self.make(len(x))
+
+
+def test_the_loss_fits_what_forward_returns():
+    images = torch.randn(8, 1, 28, 28)
+    assert utils.loss_function(Net(), images) is F.nll_loss  # log_softmax out, as the original
+    assert utils.loss_function(ScoresNet(), images) is F.cross_entropy
+    assert utils.loss_function(Returns(lambda n: torch.zeros(n, 10)), images) is F.cross_entropy
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda n: torch.zeros(n, 5), "must return a tensor of shape [batch, 10]"),
+    (lambda n: torch.zeros(n, 10, 1), "not [8, 10, 1]"),
+    (lambda n: (torch.zeros(n, 10), None), "not tuple"),
+    (lambda n: torch.full((n, 10), 0.1), "returns probabilities (softmax)"),
+])
+def test_a_forward_that_returns_something_else_gets_one_line(make, expected):
+    with pytest.raises(UserError) as error:
+        utils.loss_function(Returns(make), torch.zeros(8, 1, 28, 28))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_forward_that_fails_on_the_input_gets_one_line():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(100, 10))  # a layer sized for another input
+    with pytest.raises(UserError, match=r"forward fails on a batch of shape \[8, 1, 28, 28\]: mat1 and mat2") as error:
+        utils.loss_function(model, torch.zeros(8, 1, 28, 28))
+    assert "\n" not in str(error.value)
+
+
+def test_checking_the_output_leaves_training_as_it_was():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(2, 1, 28, 28))  # materialize the lazy layer
+    model.train()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    images = torch.randn(8, 1, 28, 28)
+    rng = torch.get_rng_state()
+    utils.loss_function(model, images)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())  # BN stats too
+
+
+def test_training_on_raw_scores_with_cross_entropy_lowers_the_loss():
+    torch.manual_seed(0)
+    model = ScoresNet()
+    loader = separable_loader()
+    criterion = utils.loss_function(model, next(iter(loader))[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = [utils.train(model, "cpu", loader, optimizer, criterion)[0] for _ in range(5)]
+    assert losses[-1] < losses[0] / 2 and min(losses) > 0  # cross entropy is never negative
+
+
 def test_train_stops_at_once_when_the_loss_is_not_finite():
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -239,7 +271,8 @@ def test_find_lr_sweeps_exponentially_and_leaves_the_model_and_optimizer_as_they
     lrs = torch.tensor(result["lrs"], dtype=torch.float64)
     assert lrs[0] == pytest.approx(1e-5) and len(lrs) <= 20
     assert torch.allclose(lrs[1:] / lrs[:-1], torch.tensor(10 ** (5 / 19), dtype=torch.float64))  # x 10^5 in 19 steps
-    assert len(result["losses"]) == len(lrs) and all(math.isfinite(loss) for loss in result["losses"])
+    assert len(result["losses"]) == len(lrs)
+    assert abs(result["losses"][0] - math.log(10)) < 0.5  # the smoothed loss starts at chance: ln 10 for 10 classes
     assert 0 < result["suggested_lr"] < 1 and result["suggested_lr"] == pytest.approx(result["min_loss_lr"] / 10)
     assert "lowest" in result["rule"]
 
@@ -517,7 +550,7 @@ def test_data_visualization_shows_a_batch_as_the_model_gets_it_unnormalized_and_
     for ax, image in zip(shown, images):
         assert np.allclose(ax.images[0].get_array(), image.numpy() / 255, atol=1e-6)  # normalization undone
 
-    loader = MnistBatches(images, labels, batch_size=12, shuffle=True, augment=True)
+    loader = MnistBatches(images, labels, batch_size=12, shuffle=True, augmentation=AUGMENTED)
     fig = utils.data_visualization(loader, tmp_path / "augmented.png")
     assert_png(tmp_path / "augmented.png")
     pixels = np.stack([ax.images[0].get_array() for ax in fig.axes if ax.images])
@@ -546,7 +579,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_drawing_the_samples_leaves_the_random_state_as_it_was(tmp_path):
-    loader = MnistBatches(smooth_digits(8)[:, 0], torch.arange(8), batch_size=8, shuffle=True, augment=True)
+    loader = MnistBatches(smooth_digits(8)[:, 0], torch.arange(8), batch_size=8, shuffle=True,
+                          augmentation=AUGMENTED)
     torch.manual_seed(3)
     before = torch.get_rng_state()
     utils.data_visualization(loader, tmp_path / "samples.png")
