@@ -136,6 +136,32 @@ def test_each_bad_image_is_named_on_one_line_and_the_others_still_read(trained_m
     assert os.path.isfile(tmp_path / "p.png")
 
 
+def float_tiff(path, bad_value):
+    """The 7 on paper as a 32-bit float TIFF (PIL's mode 'F', as scientific cameras and image tools save), with one
+    pixel NaN or infinite."""
+    pixels = np.asarray(seven_on_paper(), np.float32) / 255
+    pixels[5, 5] = bad_value
+    Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode == "F"
+
+
+def test_a_float_tiff_with_nan_or_infinite_pixels_is_named_and_the_others_still_read(trained_model, tmp_path,
+                                                                                      capsys):
+    seven_on_paper().save(tmp_path / "good.png")
+    float_tiff(tmp_path / "nan.tif", np.nan)
+    float_tiff(tmp_path / "inf.tif", np.inf)
+    seven_on_paper().convert("CMYK").save(tmp_path / "cmyk.jpg")
+    names = ["good.png", "nan.tif", "inf.tif", "cmyk.jpg"]
+    code, out, err = run_predict(capsys, *[tmp_path / name for name in names], "--checkpoint", trained_model,
+                                 "--out", tmp_path / "p.png")
+    assert code == 1
+    assert err.splitlines() == [
+        f"error: {tmp_path / name} has NaN or infinite pixel values: only finite ones can be read as shades of grey "
+        f"(save it as an 8-bit image)" for name in ("nan.tif", "inf.tif")]
+    assert re.search(r"good\.png: 7   top 3: ", out) and re.search(r"cmyk\.jpg: 7   top 3: ", out)
+    assert os.path.isfile(tmp_path / "p.png")
+
+
 def finished_run(parent, name, model_file, status="finished"):
     """A run folder as main_mnist.py leaves it, reduced to what predict.py reads: run.json and model.pt."""
     folder = parent / name
