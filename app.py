@@ -5,8 +5,10 @@ received, made from the drawing by utils.to_mnist as predict.py makes it from a 
 (pip install -r requirements-demo.txt); the training scripts do not.
 """
 import argparse
+import io
 import os
 import sys
+import types
 
 # Before gradio is imported: no usage statistics sent, and no reaching for the Hugging Face Hub. The page works
 # with no network at all.
@@ -17,21 +19,66 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from predict import CHECKPOINT_HELP, load_reader  # noqa: E402
+from gradio.components.image_editor import EditorDataBlobs  # noqa: E402
+from gradio.data_classes import FileData  # noqa: E402
+from predict import CHECKPOINT_HELP, MAX_PIXELS, load_reader, open_image, too_large  # noqa: E402
 from utils import UserError, pick_device, to_mnist, mnist_batch  # noqa: E402
 
 NOTHING_DRAWN = "Nothing drawn yet: draw a digit on the pad first."
 SHOWN_SCALE = 10  # the 28x28 image is shown 280x280, each pixel a sharp square rather than a browser-blurred one
+# The largest file the page accepts, of any upload to it. The pad sends its drawing as PNGs of a few KB (280x280
+# RGBA is 314 KB even uncompressed); without a limit gradio took 300 MB and kept it in its temp folder. Larger
+# files are refused (HTTP 413) while they arrive, and nothing of them is kept. The pixels of an image are capped
+# apart, by predict.MAX_PIXELS, since a small PNG can hold a huge image.
+MAX_UPLOAD_BYTES = 10_000_000
+CACHE_S = 3600  # the drawings the page was sent are deleted from gradio's temp folder after an hour
+
+
+def drawing_pad(**options):
+    """gr.Sketchpad(**options) that refuses an image of more than predict.MAX_PIXELS pixels, measured in its file's
+    header, before gradio decodes it whole (a 714 KB PNG of 13,300 x 13,300 pixels took the server to 5 GB), and
+    that decodes only the composite, which is all that read_drawing reads. The page draws only 280x280, but
+    anything can be sent to its address. read_drawing gives the one-line message.
+
+    Its preprocess method is replaced on this pad alone: gradio writes a .pyi file beside the module of any
+    subclass of its components, here app.pyi."""
+    pad = gr.Sketchpad(**options)
+    pad.preprocess = types.MethodType(_measured_preprocess, pad)  # bound, so that a copy of the pad binds its own
+    return pad
+
+
+def _measured_preprocess(pad, payload):
+    # The images come as files uploaded to the page, or as blobs the pad keeps in memory under the payload's id
+    images = pad.blob_storage.get(payload.id) if payload is not None and payload.id is not None else payload
+    for image in [images.background, *images.layers, images.composite] if images is not None else []:
+        if image is None:
+            continue
+        try:
+            open_image(image.path if isinstance(image, FileData) else io.BytesIO(image), "The image sent").close()
+        except UserError as error:  # too large, or not an image at all
+            pad.blob_storage.pop(payload.id, None)
+            return {"background": None, "layers": [], "composite": None, "refused": str(error)}
+    if payload is not None and payload.id in pad.blob_storage:
+        pad.blob_storage[payload.id] = EditorDataBlobs(background=None, layers=[], composite=images.composite)
+    elif payload is not None:
+        payload = payload.model_copy(update={"background": None, "layers": []})
+    return type(pad).preprocess(pad, payload)
 
 
 def read_drawing(model, device, drawing):
     """(the top answers for gr.Label, the 28x28 image the model received, a one-line message) for the pad's value.
 
     The pad sends {"background", "layers", "composite"}; composite is the drawing as an RGBA array (black ink on
-    opaque white), or None while nothing is drawn: before the brush is picked, before a stroke, after a clear."""
+    opaque white), or None while nothing is drawn: before the brush is picked, before a stroke, after a clear.
+    drawing_pad decodes only the composite, and sends {"refused": message} for an image it would not decode."""
+    if drawing and drawing.get("refused"):
+        return None, None, drawing["refused"]
     composite = drawing.get("composite") if drawing else None
     if composite is None:
         return None, None, NOTHING_DRAWN
+    height, width = np.shape(composite)[:2]
+    if height * width > MAX_PIXELS:
+        return None, None, too_large("The drawing", width, height)
     try:
         digit = to_mnist(composite, name="the drawing")
     except UserError:  # a pad with no ink on it
@@ -45,7 +92,7 @@ def read_drawing(model, device, drawing):
 
 
 def build_page(model, device, model_name, checkpoint):
-    with gr.Blocks(title="MNIST digit reader") as page:
+    with gr.Blocks(title="MNIST digit reader", delete_cache=(CACHE_S, CACHE_S)) as page:
         run_file = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(checkpoint))),
                                 os.path.basename(checkpoint))  # the run's folder names the model; its path is long
         gr.Markdown("# MNIST digit reader\n"
@@ -53,9 +100,9 @@ def build_page(model, device, model_name, checkpoint):
                     f"as an MNIST digit.")
         with gr.Row():
             with gr.Column():
-                pad = gr.Sketchpad(label="Your digit", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
-                                   brush=gr.Brush(default_size=12, colors=["#000000"], color_mode="fixed"),
-                                   layers=False, elem_id="pad")
+                pad = drawing_pad(label="Your digit", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
+                                  brush=gr.Brush(default_size=12, colors=["#000000"], color_mode="fixed"),
+                                  layers=False, elem_id="pad")
                 button = gr.Button("Read the digit", variant="primary", elem_id="read")
             with gr.Column():
                 message = gr.Markdown(elem_id="message")
@@ -63,7 +110,7 @@ def build_page(model, device, model_name, checkpoint):
                 received = gr.Image(label="What the model received (28x28, shown enlarged)", type="numpy",
                                     interactive=False, height=320, format="png", elem_id="received")
         button.click(lambda drawing: read_drawing(model, device, drawing), inputs=pad,
-                     outputs=[answer, received, message])
+                     outputs=[answer, received, message], api_name="read_digit")
     return page
 
 
@@ -77,7 +124,7 @@ def main(argv=None):
     model_name, model, checkpoint = load_reader(args.checkpoint, device)
     page = build_page(model, device, model_name, checkpoint)
     try:
-        page.launch(server_name="127.0.0.1", server_port=args.port, show_error=True)
+        page.launch(server_name="127.0.0.1", server_port=args.port, show_error=True, max_file_size=MAX_UPLOAD_BYTES)
     except OSError:  # gradio's way of saying that the port is taken
         sys.exit(f"error: cannot serve the page on 127.0.0.1:{args.port}: the port is in use "
                  f"(choose another with --port N)")

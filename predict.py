@@ -8,6 +8,7 @@ probabilities. By default the model is the one of the newest finished run in OUT
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 from matplotlib.figure import Figure
@@ -18,6 +19,13 @@ from main_mnist import OUT_DIR
 from utils import UserError, pick_device, to_mnist, mnist_batch, save_figure
 
 MAX_SHOWN = 20  # images drawn in predictions.png; a taller figure would be too long to read
+SHOWN_SIZE = (256, 256)  # each image is kept this small for predictions.png once read, not whole
+# The most pixels an image may have, checked in the file's header before anything is decoded, by predict.py and
+# by app.py's page. PIL's own guard stops only images over 179 megapixels, and a 13,300 x 13,300 PNG of 714 KB
+# took 9 GB. Reading an image costs about 10 bytes a pixel at its peak (the decoded image, a copy as an array, its
+# grey levels as float32): about 0.6 GB at this cap, on top of the 0.85 GB that predict.py takes with any image.
+# A phone's photo is still read whole: 12 to 50 megapixels, and 64 on a few (9248x6936 is 64.1).
+MAX_PIXELS = 65_000_000
 
 
 def default_checkpoint(parent=OUT_DIR):
@@ -45,21 +53,51 @@ def load_reader(checkpoint, device):
     return name, model, path
 
 
-def read_image(path):
-    """(the image as a PIL image, its 28x28 MNIST version); UserError naming the file if it cannot be read."""
+def too_large(name, width, height, size=None):
+    """The one-line message for an image of more than MAX_PIXELS pixels; `size` says how large, if not its size."""
+    size = size or f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels)"
+    return (f"{name} is {size}, over the limit of {MAX_PIXELS / 1e6:g} megapixels: scale it down (the model reads "
+            f"digits at 28x28)")
+
+
+def open_image(source, name):
+    """`source` (a path or a binary file) opened by PIL, which reads only its header: nothing is decoded yet.
+    UserError naming it (`name`) if it is missing, not an image, or has more than MAX_PIXELS pixels."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # PIL warns of images over 89 megapixels; the check below says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except FileNotFoundError:
+        raise UserError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{name}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: not an image (or of a format PIL cannot read)") from None
+    except Image.DecompressionBombError:  # PIL refuses to open one over twice its own limit, and says not its size
+        over = f"more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
+        raise UserError(too_large(name, None, None, size=over)) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"{name}: cannot be read as an image ({error})") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise UserError(too_large(name, width, height))
+    return image
+
+
+def read_image(path):
+    """(the image, made small for predictions.png, and its 28x28 MNIST version); UserError naming the file if it
+    cannot be read, is too large or is blank."""
+    with open_image(path, path) as image:
+        try:
             image.load()  # the whole file is decoded here, so a truncated one fails here
             image = ImageOps.exif_transpose(image)  # a phone's photo is stored sideways, with a note to turn it
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image (or of a format PIL cannot read)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"{path}: cannot be read as an image ({error})") from None
-    return image, to_mnist(image, name=path)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise UserError(f"{path}: cannot be read as an image ({error})") from None
+    digit = to_mnist(image, name=path)
+    shown = image.convert("RGBA")  # as plot_predictions draws it; a 12-megapixel photo is not kept whole
+    shown.thumbnail(SHOWN_SIZE)
+    return shown, digit
 
 
 def classify(model, device, digits):
@@ -75,7 +113,7 @@ def plot_predictions(paths, images, digits, probabilities, path):
     axs = fig.subplots(count, 3, squeeze=False, width_ratios=[1, 1, 2])
     for row, (name, image, digit, probs) in enumerate(zip(paths, images, digits, probabilities)):
         shown = image.convert("RGBA")
-        shown.thumbnail((256, 256))  # a 12-megapixel photo is drawn as small as it is shown
+        shown.thumbnail(SHOWN_SIZE)  # a 12-megapixel photo is drawn as small as it is shown
         axs[row, 0].imshow(shown)
         axs[row, 0].set_title(os.path.basename(name), fontsize=9)
         axs[row, 1].imshow(digit.numpy(), cmap="gray", vmin=0, vmax=1)
@@ -115,6 +153,11 @@ def main(argv=None):
             read.append((path, *read_image(path)))
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
+            failed += 1
+        except Exception as error:  # a damaged file can fail deep in PIL or numpy: its own line, named by its type
+            detail = " ".join(str(error).split())
+            print(f"error: {path}: cannot be read ({type(error).__name__}{': ' + detail if detail else ''})",
+                  file=sys.stderr)
             failed += 1
     if read:
         paths, images, digits = zip(*read)

@@ -6,14 +6,22 @@ Needs the demo's extras: gradio and playwright (pip install -r requirements-demo
 except under CI (CI=true, as .ci/run sets it), where a missing install step must fail rather than pass unnoticed.
 """
 import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import types
+import urllib.error
 import urllib.request
+import uuid
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from test_predict import huge_png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
@@ -43,13 +51,16 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def app_url(demo_extras, trained_model, tmp_path_factory):
-    """app.py serving the trained model on a free local port, as its own process, for this module's tests."""
+def app_server(demo_extras, trained_model, tmp_path_factory):
+    """app.py serving the trained model on a free local port, as its own process, for this module's tests:
+    its url, its process id, and gradio's temp folder, where the files sent to the page go."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    folder = tmp_path_factory.mktemp("app")
+    log_path, temp_dir = folder / "app.log", folder / "gradio"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, os.path.join(REPO, "app.py"), "--checkpoint", trained_model,
-                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env={**os.environ, "GRADIO_TEMP_DIR": str(temp_dir)})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -63,7 +74,7 @@ def app_url(demo_extras, trained_model, tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"app.py did not answer within {START_TIMEOUT_S} s:\n{log_path.read_text()}")
                 time.sleep(0.5)
-        yield url
+        yield types.SimpleNamespace(url=url, pid=process.pid, temp_dir=temp_dir)
     finally:
         process.terminate()
         try:
@@ -71,6 +82,11 @@ def app_url(demo_extras, trained_model, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def app_url(app_server):
+    return app_server.url
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +179,88 @@ def test_no_trained_model_is_a_one_line_error(demo_extras, tmp_path, monkeypatch
         app.main([])
     assert str(stop.value.code).startswith(f"error: no trained model in {OUT_DIR}/")
     assert "python3 main_mnist.py" in str(stop.value.code) and "\n" not in str(stop.value.code)
+
+
+def upload(url, name, data):
+    """POSTs a file to the page's upload route, as the page does with a drawing: (HTTP status, the answer)."""
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def files_in(folder):
+    return sorted(os.path.join(parent, name) for parent, _, names in os.walk(folder) for name in names)
+
+
+def test_an_upload_over_the_size_limit_is_refused_and_nothing_of_it_is_kept(app_server, tmp_path):
+    import app
+    Image.new("L", (28, 28)).save(tmp_path / "small.png")
+    status, paths = upload(app_server.url, "small.png", (tmp_path / "small.png").read_bytes())
+    assert status == 200 and len(paths) == 1 and os.path.isfile(paths[0])  # the route takes files as the page sends
+    before = files_in(app_server.temp_dir)
+    status, answer = upload(app_server.url, "big.png", b"\0" * (app.MAX_UPLOAD_BYTES + 1_000_000))
+    assert status == 413 and f"maximum allowed size of {app.MAX_UPLOAD_BYTES} bytes" in answer
+    assert files_in(app_server.temp_dir) == before
+
+
+def peak_memory_mb(pid):
+    """The most memory (resident) the process has held since it started, in MB: VmHWM in Linux's /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
+def read_digit(url, drawing):
+    """The page's answer to `drawing` sent to its read_digit route, as a script can: (top 3, image, message)."""
+    request = urllib.request.Request(url + "gradio_api/call/read_digit", data=json.dumps({"data": [drawing]}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        event = json.loads(answer.read())["event_id"]
+    with urllib.request.urlopen(url + f"gradio_api/call/read_digit/{event}", timeout=120) as answer:
+        lines = answer.read().decode().splitlines()
+    assert lines[0] == "event: complete", lines
+    return json.loads(lines[1].removeprefix("data: "))
+
+
+def test_an_image_of_too_many_pixels_sent_to_the_page_is_refused_before_it_is_decoded(app_server, tmp_path):
+    import predict
+    huge_png(tmp_path / "huge.png", 13_300, 13_300)  # 177 megapixels in 38 KB: decoded, it took the server to 5 GB
+    status, paths = upload(app_server.url, "huge.png", (tmp_path / "huge.png").read_bytes())
+    assert status == 200
+    file = {"path": paths[0], "meta": {"_type": "gradio.FileData"}}
+    peak = peak_memory_mb(app_server.pid)
+    top3, received, message = read_digit(app_server.url, {"background": file, "layers": [], "composite": file})
+    assert message == (f"The image sent is 13300x13300 pixels (176.9 megapixels), over the limit of "
+                       f"{predict.MAX_PIXELS / 1e6:g} megapixels: scale it down (the model reads digits at 28x28)")
+    assert not top3 and received is None
+    assert peak_memory_mb(app_server.pid) < peak + 100
+
+
+def test_a_drawing_of_too_many_pixels_is_refused_before_it_is_read(demo_extras):
+    import app
+    side = int(app.MAX_PIXELS ** 0.5) + 1
+    white = np.broadcast_to(np.uint8(255), (side, side, 4))  # a huge drawing, in no memory at all
+    assert app.read_drawing(None, "cpu", {"background": None, "layers": [], "composite": white}) == (
+        None, None, f"The drawing is {side}x{side} pixels ({side * side / 1e6:.1f} megapixels), over the limit of "
+                    f"{app.MAX_PIXELS / 1e6:g} megapixels: scale it down (the model reads digits at 28x28)")
+
+
+def test_an_image_the_pad_keeps_in_memory_is_measured_too(demo_extras, tmp_path):
+    """The page can send its images as blobs that the pad keeps in memory, rather than as uploaded files."""
+    import app
+    from gradio.components.image_editor import EditorData, EditorDataBlobs
+    huge_png(tmp_path / "huge.png", 13_300, 13_300)
+    pad = app.drawing_pad(type="numpy", image_mode="RGBA", layers=False, render=False)
+    pad.blob_storage["sent"] = EditorDataBlobs(background=None, layers=[],
+                                               composite=(tmp_path / "huge.png").read_bytes())
+    drawing = pad.preprocess(EditorData(id="sent"))
+    assert drawing["refused"].startswith("The image sent is 13300x13300 pixels (176.9 megapixels), over the limit")
+    assert not pad.blob_storage  # not kept either
+    assert app.read_drawing(None, "cpu", drawing) == (None, None, drawing["refused"])
+    assert not os.path.exists(os.path.join(REPO, "app.pyi"))  # which gradio writes for a subclass of its components

@@ -2,6 +2,9 @@
 import json
 import os
 import re
+import struct
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -135,6 +138,98 @@ def test_each_bad_image_is_named_on_one_line_and_the_others_still_read(trained_m
     assert "white.png is blank" in lines[2]
     assert re.search(r"seven\.png: 7   top 3: 7 \d+\.\d%  \d \d+\.\d%  \d \d+\.\d%\n", out)
     assert os.path.isfile(tmp_path / "p.png")
+
+
+def float_tiff(path, bad_value):
+    """The 7 on paper as a 32-bit float TIFF (PIL's mode 'F', as scientific cameras and image tools save), with one
+    pixel NaN or infinite."""
+    pixels = np.asarray(seven_on_paper(), np.float32) / 255
+    pixels[5, 5] = bad_value
+    Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode == "F"
+
+
+def test_a_float_tiff_with_nan_or_infinite_pixels_is_named_and_the_others_still_read(trained_model, tmp_path,
+                                                                                      capsys):
+    seven_on_paper().save(tmp_path / "good.png")
+    float_tiff(tmp_path / "nan.tif", np.nan)
+    float_tiff(tmp_path / "inf.tif", np.inf)
+    seven_on_paper().convert("CMYK").save(tmp_path / "cmyk.jpg")
+    names = ["good.png", "nan.tif", "inf.tif", "cmyk.jpg"]
+    code, out, err = run_predict(capsys, *[tmp_path / name for name in names], "--checkpoint", trained_model,
+                                 "--out", tmp_path / "p.png")
+    assert code == 1
+    assert err.splitlines() == [
+        f"error: {tmp_path / name} has NaN or infinite pixel values: only finite ones can be read as shades of grey "
+        f"(save it as an 8-bit image)" for name in ("nan.tif", "inf.tif")]
+    assert re.search(r"good\.png: 7   top 3: ", out) and re.search(r"cmyk\.jpg: 7   top 3: ", out)
+    assert os.path.isfile(tmp_path / "p.png")
+
+
+def huge_png(path, width, height):
+    """A white 1-bit PNG of width x height pixels, written row by row: a few KB on disk however large, as a
+    hostile or careless file can be (PIL would decode 13,300 x 13,300 of them into 9 GB)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    row = b"\0" + b"\xff" * ((width + 7) // 8)  # filter type 0, then 8 pixels a byte
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+OVER_THE_LIMIT = (f"over the limit of {predict.MAX_PIXELS / 1e6:g} megapixels: scale it down (the model reads digits "
+                  f"at 28x28)")
+
+
+@pytest.mark.filterwarnings("error")  # PIL's own warning of a large image would be a second line: none must come
+def test_an_image_of_too_many_pixels_is_refused_from_its_header_and_the_others_still_read(trained_model, tmp_path,
+                                                                                          capsys):
+    seven_on_paper().save(tmp_path / "seven.png")
+    huge_png(tmp_path / "huge.png", 13_300, 13_300)  # 177 megapixels: PIL warns, and would decode it
+    huge_png(tmp_path / "huger.png", 20_000, 20_000)  # 400 megapixels: PIL refuses it, without saying its size
+    assert os.path.getsize(tmp_path / "huge.png") < 100_000
+    start = time.monotonic()
+    with pytest.raises(UserError):
+        predict.read_image(str(tmp_path / "huge.png"))
+    assert time.monotonic() - start < 0.5  # its header only: decoding it took 47 s
+    code, out, err = run_predict(capsys, tmp_path / "huge.png", tmp_path / "seven.png", tmp_path / "huger.png",
+                                 "--checkpoint", trained_model, "--out", tmp_path / "p.png")
+    assert code == 1
+    assert err.splitlines() == [
+        f"error: {tmp_path / 'huge.png'} is 13300x13300 pixels (176.9 megapixels), {OVER_THE_LIMIT}",
+        f"error: {tmp_path / 'huger.png'} is more than 179 megapixels, {OVER_THE_LIMIT}"]
+    assert re.search(r"seven\.png: 7   top 3: ", out) and os.path.isfile(tmp_path / "p.png")
+
+
+def test_the_pixel_limit_is_on_width_times_height_and_leaves_room_for_a_phone_s_photo(tmp_path):
+    assert 9248 * 6936 <= predict.MAX_PIXELS  # a 64-megapixel phone's photo is read whole
+    width = 10_000
+    height = predict.MAX_PIXELS // width
+    huge_png(tmp_path / "under.png", width, height)
+    huge_png(tmp_path / "over.png", width, height + 1)
+    predict.open_image(str(tmp_path / "under.png"), "under.png").close()  # its header only, here
+    with pytest.raises(UserError, match=rf"^over\.png is {width}x{height + 1} pixels \(.*\), over the limit of "):
+        predict.open_image(str(tmp_path / "over.png"), "over.png")
+
+
+def test_an_unforeseen_failure_in_one_image_is_its_one_line_naming_the_error(trained_model, tmp_path, capsys,
+                                                                             monkeypatch):
+    seven_on_paper().save(tmp_path / "seven.png")
+    seven_on_paper().save(tmp_path / "odd.png")
+    convert = predict.to_mnist
+
+    def failing_on_odd(image, name):  # a failure nobody foresaw, deep in the conversion of one image
+        if name.endswith("odd.png"):
+            raise RuntimeError("no conversion\nfor this mode")
+        return convert(image, name=name)
+
+    monkeypatch.setattr(predict, "to_mnist", failing_on_odd)
+    code, out, err = run_predict(capsys, tmp_path / "odd.png", tmp_path / "seven.png", "--checkpoint", trained_model,
+                                 "--out", tmp_path / "p.png")
+    assert code == 1
+    assert err == f"error: {tmp_path / 'odd.png'}: cannot be read (RuntimeError: no conversion for this mode)\n"
+    assert re.search(r"seven\.png: 7   top 3: ", out)
 
 
 def finished_run(parent, name, model_file, status="finished"):
