@@ -3,10 +3,15 @@
 Edit the hyperparameters below, or override any of them with its flag (--epochs 1, --lr 0.05, ...). Each run writes
 into a new folder of its own, OUT_DIR/<date>_<time>_<model>; `python3 main_mnist.py --compare` puts runs side by side.
 """
+import math
 import os
 import random
+import signal
 import sys
 import time
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): a word, not the traceback of an import
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("Stopped."))
 
 import torch
 import torch.nn.functional as F
@@ -100,20 +105,14 @@ def train_run(args, device):
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, len(train_loader))
     batch_scheduler = scheduler if hp["SCHEDULE"] == "onecycle" else None
+    history = runs.restore(checkpoint, model, optimizer, scheduler) if checkpoint else []
+
+    record = runs.open_record(folder, checkpoint, hp, model, device, amp, args)
+    record.update(loss=criterion.__name__)
     samples = os.path.join(folder, runs.SAMPLES)
     if not os.path.exists(samples):  # a resumed run keeps the one it drew at its start
         with runs.uninterrupted():
             data_visualization(train_loader, samples)
-
-    record = runs.read_record(folder) if checkpoint else None
-    record = record or runs.new_record(folder, hp, model, device, amp, args.argv)
-    record.update(status="running", epochs_planned=hp["EPOCHS"], dry_run=args.dry_run, hyperparameters=hp,
-                  loss=criterion.__name__)
-    history = []
-    if checkpoint is not None:
-        history = runs.restore(checkpoint, model, optimizer, scheduler)
-        runs.record_epochs(record, history)  # the checkpoint is the truth, should run.json lag (a killed run)
-        print(f"Resuming {hp['MODEL']} from {args.resume} after epoch {checkpoint['epoch']}")
     title = f"{os.path.basename(folder)}: {hp['MODEL']}"
 
     with runs.run_ends_cleanly(folder, record, args.dry_run):
@@ -124,6 +123,8 @@ def train_run(args, device):
             test_loss, test_acc = test(model, device, test_loader, criterion, amp)
             if not all(torch.isfinite(p).all() for p in model.parameters()):  # the last step can blow up unseen
                 raise NonFiniteLoss("the weights became infinite or NaN")
+            if not math.isfinite(test_loss):
+                raise NonFiniteLoss(f"the test loss became {test_loss}")
             lr = optimizer.param_groups[0]["lr"]
             if batch_scheduler is None:
                 scheduler.step()
@@ -214,6 +215,9 @@ def main(argv=None):
                 find_learning_rate(args, device)
             else:
                 train_run(args, device)
+            sys.stdout.flush()  # here, so that a reader gone away is caught below, not at exit
+    except BrokenPipeError:  # piped into a reader that stopped reading (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except UserError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # before a run started (a run that was training says what it kept, and exits 130)

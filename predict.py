@@ -7,8 +7,12 @@ probabilities. By default the model is the one of the newest finished run in OUT
 """
 import argparse
 import os
+import signal
 import sys
 import warnings
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): a word, not the traceback of an import
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("Stopped."))
 
 import torch
 from matplotlib.figure import Figure

@@ -35,7 +35,8 @@ import torch
 import torchvision
 
 from model import MODELS
-from utils import UserError, NonFiniteLoss, atomic_write, write_metrics, plot_metrics, plot_comparison
+from utils import (UserError, NonFiniteLoss, METRICS_HEADER, atomic_write, write_metrics, plot_metrics,
+                   plot_comparison)
 
 # The files of a run folder. Any of RUN_FILES in a folder means a run wrote there, and no other run may.
 RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL = "run.json", "checkpoint.pt", "metrics.csv", "accuracy_loss.png", "model.pt"
@@ -247,10 +248,23 @@ def lock_folder(folder):
     except OSError as error:
         os.close(fd)
         raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
+    _remove_orphans(folder)
     if fcntl is None and msvcrt is None:
         print(f"warning: this system has no file lock that Python can use; nothing stops a second run from "
               f"writing into {folder}", file=sys.stderr)
     _held_locks.append(fd)
+
+
+def _remove_orphans(folder):
+    """Removes the temporary files that atomic_write() leaves when its process is killed mid-write: whoever holds
+    the folder's lock is its only writer, so any such file is an orphan."""
+    orphan = re.compile(r"\.(" + "|".join(map(re.escape, RUN_FILES)) + r")\.\d+-[0-9a-f]{8}\.tmp")
+    for name in os.listdir(folder):
+        if orphan.fullmatch(name):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass  # kept: it harms nothing but space
 
 
 def release_locks():
@@ -304,13 +318,17 @@ def claim_folder(folder):
     if not present:
         return folder
     checkpoint_path = os.path.join(folder, CHECKPOINT)
-    if os.path.exists(os.path.join(folder, FINAL_MODEL)) or not os.path.exists(checkpoint_path):
+    if os.path.exists(os.path.join(folder, FINAL_MODEL)):
         raise UserError(f"{folder} already holds a run's files ({', '.join(present)}): choose another --out-dir, "
                         f"or leave it out for a new folder of its own")
+    if not os.path.exists(checkpoint_path):
+        raise UserError(f"{folder} holds a run that ended in its first epoch ({', '.join(present)}), with no "
+                        f"checkpoint, so nothing to resume: delete the folder to use it again, or choose another "
+                        f"--out-dir")
     checkpoint = load_checkpoint(checkpoint_path)
     raise UserError(f"{folder} holds an unfinished run (epoch {checkpoint['epoch']} of "
                     f"{checkpoint['hyperparameters']['EPOCHS']}): resume it with "
-                    f"{resume_command(checkpoint_path)}, or choose another --out-dir")
+                    f"{resume_command(checkpoint_path, checkpoint.get('dry_run', False))}, or choose another --out-dir")
 
 
 def open_run_folder(args, hp, kind=""):
@@ -408,18 +426,90 @@ def new_record(folder, hp, model, device, amp, argv, mode="train"):
     }
 
 
+def open_record(folder, checkpoint, hp, model, device, amp, args):
+    """The run.json of a run starting now: a new one, or for a resumed run the one it had, brought up to its
+    checkpoint (the truth, should run.json lag behind it: a killed run's does). A resumed run whose run.json is
+    missing or damaged gets a new one, and says so."""
+    record = None
+    if checkpoint is not None:
+        try:
+            record = read_record(folder)
+        except UserError as error:
+            print(f"Note: {error}; a new {RECORD} is started")
+    record = record or new_record(folder, hp, model, device, amp, args.argv)
+    record.update(status="running", error=None, epochs_planned=hp["EPOCHS"], dry_run=args.dry_run,
+                  hyperparameters=hp)
+    if checkpoint is not None:
+        record_epochs(record, checkpoint["history"])
+        print(f"Resuming {hp['MODEL']} from {args.resume} after epoch {checkpoint['epoch']}")
+    return record
+
+
 def save_record(folder, record):
     atomic_write(os.path.join(folder, RECORD), lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
 
 
 def read_record(folder):
-    """The run.json of `folder` as a dict, or None if there is none or it cannot be read."""
+    """The run.json of `folder`, checked against RECORD_FIELDS; UserError naming the file and its first problem
+    if it is missing, not JSON, or not such a record (edited by hand, or written by another program)."""
+    path = os.path.join(folder, RECORD)
     try:
-        with open(os.path.join(folder, RECORD)) as f:
+        with open(path, encoding="utf-8") as f:
             record = json.load(f)
-        return record if isinstance(record, dict) else None
-    except (OSError, ValueError):
-        return None
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} cannot be read as JSON ({getattr(error, 'strerror', None) or error})") from None
+    check_fields(record, RECORD_FIELDS, path)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records as they are read back, from this version, an older one or a hand's edit: one check per kind of file.
+
+NUMBER, WHOLE, TEXT, MAPPING, ROWS = "a number", "a whole number", "a text", "a mapping", "a list"
+RECORD_FIELDS = {"mode": TEXT, "status": TEXT, "model": TEXT, "hyperparameters": MAPPING, "epochs_done": WHOLE,
+                 "epochs_planned": WHOLE, "final_test_acc": (NUMBER, None), "best_test_acc": (NUMBER, None),
+                 "best_epoch": (WHOLE, None), "seconds": NUMBER}
+CHECKPOINT_FIELDS = {"hyperparameters": MAPPING, "epoch": WHOLE, "model": MAPPING, "optimizer": MAPPING,
+                     "scheduler": MAPPING, "history": ROWS}
+LARGEST = float(torch.finfo(torch.float32).max)  # no metric of a float32 training is larger; a figure can draw it
+
+
+def _is(value, kind):
+    if kind is None:
+        return value is None
+    if kind in (NUMBER, WHOLE):
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        return whole or (kind == NUMBER and isinstance(value, float) and abs(value) <= LARGEST)
+    return isinstance(value, {TEXT: str, MAPPING: dict, ROWS: list}[kind])
+
+
+def check_fields(data, fields, what):
+    """UserError naming `what` and the first of `fields` ({key: kind or (kinds...)}) that `data` lacks or holds
+    a value of another kind for (a NaN or an infinite value is no number here)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{what} does not hold a record (a mapping of names to values)")
+    for key, kinds in fields.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if key not in data:
+            raise UserError(f"{what} lacks {key!r}: it was not written by this version of main_mnist.py")
+        if not any(_is(data[key], kind) for kind in kinds):
+            wanted = " or ".join("null" if kind is None else kind for kind in kinds)
+            raise UserError(f"{what} has {key} = {data[key]!r}, where {wanted} belongs")
+
+
+def check_history(rows, what):
+    """UserError naming `what` and the first epoch's row that is not one of metrics.csv's: its columns, epochs
+    numbered from 1, finite numbers, accuracies in [0, 100], losses, lr and seconds not negative."""
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or set(row) != set(METRICS_HEADER.split(",")):
+            raise UserError(f"{what}: the row of epoch {number} does not have the columns {METRICS_HEADER}")
+        bad = [key for key, value in row.items() if not _is(value, NUMBER) or value < 0
+               or (key.endswith("acc") and value > 100)]
+        if row["epoch"] != number or bad:
+            name = "epoch" if row["epoch"] != number else bad[0]
+            raise UserError(f"{what}: epoch {number} has {name} = {row[name]!r}, which no run writes")
 
 
 def record_epochs(record, history):
@@ -462,11 +552,25 @@ def read_saved(path, what):
 
 
 def load_checkpoint(path):
-    """The dict save_epoch() writes after each epoch, checked to be one."""
-    checkpoint = read_saved(path, "checkpoint")
-    if not isinstance(checkpoint, dict) or "hyperparameters" not in checkpoint:
-        hint = " It holds only model weights (a model.pt?): resume from checkpoint.pt." if isinstance(checkpoint, dict) else ""
-        raise UserError(f"{path} is not a training checkpoint.{hint}")
+    """The dict save_epoch() writes after each epoch, checked against CHECKPOINT_FIELDS and its own history (and
+    its model's name against model.py) before anything is built from it."""
+    return check_checkpoint(read_saved(path, "checkpoint"), path)
+
+
+def check_checkpoint(checkpoint, path):
+    """`checkpoint`, read from `path`, if it is one that save_epoch() writes; else UserError saying what it lacks."""
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise UserError(f"{path} is not a training checkpoint. It holds only model weights (a model.pt?): resume "
+                        f"from checkpoint.pt.")
+    check_fields(checkpoint, CHECKPOINT_FIELDS, path)
+    check_fields(checkpoint["hyperparameters"], {"MODEL": TEXT, "EPOCHS": WHOLE}, f"{path} (its hyperparameters)")
+    check_history(checkpoint["history"], f"{path} (its history)")
+    if checkpoint["epoch"] != len(checkpoint["history"]) or checkpoint["epoch"] < 1:
+        raise UserError(f"{path} says epoch {checkpoint['epoch']} but holds {len(checkpoint['history'])} epochs' "
+                        f"metrics")
+    if checkpoint["hyperparameters"]["MODEL"] not in MODELS:
+        raise UserError(f"{path} is a run of {checkpoint['hyperparameters']['MODEL']}, which model.py does not "
+                        f"define (it has {', '.join(MODELS)})")
     return checkpoint
 
 
@@ -482,6 +586,10 @@ def resumed_settings(args, defaults, checkpoint):
     if fixed:
         raise UserError(f"a resumed run keeps its hyperparameters; only {', '.join(map(flag_name, RESUMABLE))} "
                         f"may change, not {', '.join(fixed)}")
+    started_dry = checkpoint.get("dry_run", args.dry_run)  # (older versions did not save it)
+    if started_dry != args.dry_run:
+        raise UserError(f"this run was started {'with' if started_dry else 'without'} --dry-run, and goes on so: "
+                        f"{resume_command(args.resume, started_dry)}")
     predates = [name for name in defaults if name not in saved]  # added to the block after the run began
     if predates:
         print(f"Note: {args.resume} predates the settings {', '.join(predates)}: the block's values are used")
@@ -496,11 +604,26 @@ def resumed_settings(args, defaults, checkpoint):
 
 
 def restore(checkpoint, model, optimizer, scheduler):
-    """Puts a resumed run back where its checkpoint left it; returns the history of its epochs so far."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    set_rng_states(checkpoint["rng"])
+    """Puts a resumed run back where its checkpoint left it; returns the history of its epochs so far. UserError,
+    before anything is written, if the checkpoint does not fit: a model whose layers changed since the run began."""
+    name = checkpoint["hyperparameters"]["MODEL"]
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"the checkpoint's weights do not fit {name} as model.py defines it now (changed since the "
+                        f"run began?): {first}") from None
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if "rng" in checkpoint:
+            set_rng_states(checkpoint["rng"])
+        else:
+            print("Note: the checkpoint holds no random state (an older version's): the run goes on, not exactly "
+                  "as an uninterrupted one would")
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise UserError(f"the checkpoint's optimizer, schedule or random state cannot be restored "
+                        f"({type(error).__name__}: {str(error).strip()[:200]})") from None
     return checkpoint["history"]
 
 
@@ -509,11 +632,14 @@ def load_weights(path):
     from the run.json beside a model.pt; None if neither says."""
     saved = read_saved(path, "model file")
     if isinstance(saved, dict) and "hyperparameters" in saved:
-        return saved["hyperparameters"]["MODEL"], saved["model"]
+        checkpoint = check_checkpoint(saved, path)
+        return checkpoint["hyperparameters"]["MODEL"], checkpoint["model"]
     if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
         raise UserError(f"{path} does not hold a model's state_dict")
-    record = read_record(os.path.dirname(path) or ".")
-    return (record or {}).get("model"), saved
+    try:
+        return read_record(os.path.dirname(path) or ".")["model"], saved
+    except UserError:  # no run.json beside it (a file of its own), or one this script cannot read
+        return None, saved
 
 
 def load_model(path, device, model_name=None):
@@ -551,8 +677,11 @@ def latest_finished_run(parent):
         return None
     for name in names:
         folder = os.path.join(parent, name)
-        record = read_record(folder)
-        if (record and record.get("mode", "train") == "train" and record.get("status") == "finished"
+        try:
+            record = read_record(folder)
+        except UserError:  # not a run's folder, or a record this script cannot read: not a candidate
+            continue
+        if (record["mode"] == "train" and record["status"] == "finished"
                 and os.path.isfile(os.path.join(folder, FINAL_MODEL))):
             return folder
     return None
@@ -600,7 +729,7 @@ def save_epoch(folder, record, model, optimizer, scheduler, history, title):
     """After an epoch: the checkpoint, metrics.csv, the plot and run.json, each whole or not at all."""
     checkpoint = dict(hyperparameters=record["hyperparameters"], epoch=history[-1]["epoch"], model=model.state_dict(),
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history,
-                      rng=rng_states())
+                      rng=rng_states(), dry_run=record["dry_run"])
     with uninterrupted():
         atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(checkpoint, f))
         record_epochs(record, history)  # only now: epochs_done is what the checkpoint on disk holds
@@ -625,28 +754,39 @@ def run_ends_cleanly(folder, record, dry_run):
     try:
         yield
     except KeyboardInterrupt:
-        _mark(folder, record, "stopped")
+        _mark(folder, record, "stopped", "stopped by Ctrl-C or SIGTERM")
         print(f"\nStopped {_when(record)}. {_kept(folder, record, dry_run)}", file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss as error:
-        _mark(folder, record, "failed")
+        _mark(folder, record, "failed", _one_line(error))
         raise UserError(f"{error} {_when(record)}: the learning rate ({record['hyperparameters']['LR']}) is "
                         f"probably too high; try a lower --lr. {_kept(folder, record, dry_run, resume=False)}") from None
     except OSError as error:
-        _mark(folder, record, "failed")
+        _mark(folder, record, "failed", _one_line(error))
         name = error.filename or f"in {folder}"
         raise UserError(f"could not write {name} {_when(record)}: {error.strerror or error}. "
                         f"{_kept(folder, record, dry_run)}") from None
+    except Exception as error:  # a bug, in code a learner changed say: its traceback follows, then what is kept
+        _mark(folder, record, "failed", _one_line(error))
+        print(f"\nFailed {_when(record)} ({type(error).__name__}). {_kept(folder, record, dry_run)}", file=sys.stderr)
+        raise
 
 
 def _when(record):
     return "after the last epoch" if record["status"] == "finished" else f"in epoch {record['epochs_done'] + 1}"
 
 
-def _mark(folder, record, status):
+def _one_line(error):
+    """An exception as run.json's "error" gives it: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _mark(folder, record, status, error):
+    """Records how the run ended early (status, and `error`: what stopped it, one line) in its run.json."""
     if record["status"] == "finished":
         return  # the model is saved: what failed after it (a figure) does not unfinish the run
-    record["status"] = status
+    record.update(status=status, error=error)
     try:
         with uninterrupted():
             save_record(folder, record)
@@ -677,12 +817,30 @@ def run_folders(parent):
 
 
 def read_history(folder):
+    """The rows of a run's metrics.csv, checked by check_history; [] if the run has none yet (in its first epoch,
+    or killed there). UserError naming the file and its first problem if it is not a metrics.csv."""
+    path = os.path.join(folder, METRICS)
     try:
-        with open(os.path.join(folder, METRICS)) as f:
-            return [{key: (int(value) if key == "epoch" else float(value)) for key, value in row.items()}
-                    for row in csv.DictReader(f)]
-    except (OSError, ValueError):
+        with open(path, newline="", encoding="utf-8") as f:
+            lines = list(csv.reader(f))
+    except FileNotFoundError:
         return []
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} cannot be read ({getattr(error, 'strerror', None) or error})") from None
+    if not lines or ",".join(lines[0]) != METRICS_HEADER:
+        raise UserError(f"{path} does not start with the header {METRICS_HEADER}")
+    rows = []
+    for values in lines[1:]:
+        try:
+            numbers = [float(value) for value in values]
+        except ValueError:
+            numbers = []
+        row = dict(zip(lines[0], numbers)) if len(numbers) == len(lines[0]) else {}
+        if "epoch" in row and row["epoch"].is_integer():
+            row["epoch"] = int(row["epoch"])
+        rows.append(row)
+    check_history(rows, path)
+    return rows
 
 
 def run_status(folder, record):
@@ -694,17 +852,20 @@ def run_status(folder, record):
 
 def compare(folders, out_dir):
     """Prints a table of the runs in `folders` (default: every run in out_dir) and writes comparison.png and
-    comparison.csv into out_dir. Returns the rows of the table."""
+    comparison.csv into out_dir. A folder whose files cannot be read is skipped with a line that says why; the
+    others are still compared. Returns the rows of the table."""
     folders = folders or run_folders(out_dir)
     runs = []
     for folder in folders:
-        record = read_record(folder)
-        if record is None:
-            print(f"skipped {folder}: no readable {RECORD}")
-        elif record.get("mode", "train") != "train":
-            print(f"skipped {folder}: {record['mode']}, not a training run")
-        else:
+        try:
+            record = read_record(folder)
+            if record["mode"] != "train":
+                print(f"skipped {folder}: {record['mode']}, not a training run")
+                continue
+            check_fields(record["hyperparameters"], {"MODEL": TEXT}, os.path.join(folder, RECORD))
             runs.append((folder, record, read_history(folder)))
+        except UserError as error:
+            print(f"skipped {folder}: {error}")
     if not runs:
         raise UserError(f"no runs to compare in {', '.join(folders) if folders else out_dir}")
     all_settings = [record["hyperparameters"] for _, record, _ in runs]
@@ -724,17 +885,29 @@ def compare(folders, out_dir):
             "final_acc": _percent(record["final_test_acc"]), "best_acc": _percent(record["best_test_acc"]),
             "best_epoch": record["best_epoch"] or "", "seconds": round(record["seconds"]),
         })
-    _print_table(rows)
-    if any(row["status"].endswith("*") for row in rows):
-        print("* unfinished: still running, stopped, failed or killed")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        _print_table(rows)
+        if any(row["status"].endswith("*") for row in rows):
+            print("* unfinished: still running, stopped, failed or killed")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped reading (`| head`): the files are still written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     csv_path, png_path = os.path.join(out_dir, COMPARISON_CSV), os.path.join(out_dir, COMPARISON_PNG)
-    atomic_write(csv_path, lambda f: f.write(_csv_text(rows).encode()))
     shown = [name.lower() for name in differ] + (["code"] if len(set(codes)) > 1 else [])
-    plot_comparison([{"label": row["run"] + "".join(f", {name}={row[name]}" for name in shown),
-                      "history": history, "finished": record["status"] == "finished"}
-                     for row, (_, record, history) in zip(rows, runs)], png_path)
-    print(f"Saved: {png_path}, {csv_path}")
+    curves = [{"label": row["run"] + "".join(f", {name}={row[name]}" for name in shown), "history": history,
+               "finished": record["status"] == "finished"} for row, (_, record, history) in zip(rows, runs)]
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write(csv_path, lambda f: f.write(_csv_text(rows).encode()))
+        if any(curve["history"] for curve in curves):
+            plot_comparison(curves, png_path)
+        else:
+            png_path = None
+            print("No run has a finished epoch yet: no curves to draw.")
+    except OSError as error:
+        raise UserError(f"could not write {error.filename or out_dir}: {error.strerror or error}. The table above "
+                        f"is complete; to save it, choose a folder you can write with --out-dir DIR") from None
+    print(f"Saved: {png_path + ', ' if png_path else ''}{csv_path}")
     return rows
 
 

@@ -12,6 +12,7 @@ import socket
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 from PIL import Image
@@ -738,25 +739,30 @@ def plot_comparison(runs, path, title="Run comparison"):
     runs = [run for run in runs if run["history"]]
     if not runs:
         raise ValueError("none of the runs has an epoch to plot")
-    fig = Figure(figsize=(15, 6), layout="constrained")
+    columns = 1 if len(runs) <= 3 else 2
+    legend_rows = math.ceil(len(runs) / columns)
+    # The legend goes below the panels, and the figure grows with it, so that 50 runs still leave the curves clear.
+    fig = Figure(figsize=(15, 6 + 0.25 * max(0, legend_rows - 4)), layout="constrained")
     acc_ax, loss_ax = fig.subplots(1, 2)
+    # Matplotlib's 10 colours for up to 10 runs; beyond, as many as there are runs, spread along one colour map.
+    colours = ([f"C{i}" for i in range(len(runs))] if len(runs) <= 10
+               else [colormaps["turbo"](i / (len(runs) - 1)) for i in range(len(runs))])
     accuracy_curves, loss_curves = [], []
-    for i, run in enumerate(runs):
+    for run, colour in zip(runs, colours):
         epochs = [row["epoch"] for row in run["history"]]
-        style = dict(color=f"C{i}", marker="o", markersize=3, linestyle="-" if run["finished"] else "--",
+        style = dict(color=colour, marker="o", markersize=3, linestyle="-" if run["finished"] else "--",
                      label=_run_label(run))  # colours by hand, so a run has the same one in both panels
         accuracy_curves.append((epochs, [row["test_acc"] for row in run["history"]], style))
         loss_curves.append((epochs, [row["test_loss"] for row in run["history"]], style))
     lines = _accuracy_panel(acc_ax, accuracy_curves)
     _loss_panel(loss_ax, loss_curves)
-    for i, run in enumerate(runs):
-        _mark_best(acc_ax, run["history"], f"C{i}")
+    for run, colour in zip(runs, colours):
+        _mark_best(acc_ax, run["history"], colour)
     epochs = [row["epoch"] for run in runs for row in run["history"]]
     for ax, name in ((acc_ax, "Test Accuracy"), (loss_ax, "Test Loss")):
         ax.set_title(name)
         _epoch_axis(ax, epochs)
-    fig.legend(handles=lines, loc="outside lower center", ncol=1 if len(runs) <= 3 else 2,
-               title="★ best epoch of each run")
+    fig.legend(handles=lines, loc="outside lower center", ncol=columns, title="★ best epoch of each run")
     fig.suptitle(title, fontsize=15)
     save_figure(fig, path)
     return fig

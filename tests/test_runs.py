@@ -219,7 +219,8 @@ def test_a_real_full_filesystem_gives_the_same_message(tiny_mnist, tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         out_dir = mount_point / "exp"
-        message = exit_message(["--data-dir", tiny_mnist, *FAST, "--epochs", "5", "--out-dir", str(out_dir)])
+        message = exit_message(["--model", "Net", "--data-dir", tiny_mnist, *FAST, "--epochs", "5", "--out-dir",
+                                str(out_dir)])  # Net's checkpoint: 4.8 MB, so the 7 MB fill up in epoch 2
         assert message.startswith("error: could not write") and "No space left on device" in message
         assert "\n" not in message
         kept = torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"]  # Net's checkpoint is 4.8 MB
