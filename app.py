@@ -1,7 +1,7 @@
 """Draw a digit and let the model read it: python3 app.py [--checkpoint PATH] [--port N], then open the address shown.
 
 A page on this computer only (127.0.0.1): a drawing pad, the model's top 3 answers, and the 28x28 image the model
-received, made from the drawing by utils.to_mnist as predict.py makes it from a file. Needs gradio
+received, made from the drawing by images.to_mnist as predict.py makes it from a file. Needs gradio
 (pip install -r requirements-demo.txt); the training scripts do not.
 """
 import argparse
@@ -22,7 +22,8 @@ import torch  # noqa: E402
 from gradio.components.image_editor import EditorDataBlobs  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 from predict import CHECKPOINT_HELP, MAX_PIXELS, load_reader, open_image, too_large  # noqa: E402
-from utils import UserError, pick_device, to_mnist, mnist_batch  # noqa: E402
+from images import mnist_batch, to_mnist  # noqa: E402
+from utils import UserError, pick_device  # noqa: E402
 
 NOTHING_DRAWN = "Nothing drawn yet: draw a digit on the pad first."
 SHOWN_SCALE = 10  # the 28x28 image is shown 280x280, each pixel a sharp square rather than a browser-blurred one

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 import torch.optim as optim
 
+import records
 import runs
+import settings
+from figures import data_visualization, plot_confusion_matrix, plot_lr_finder, plot_misclassified
 from model import MODELS
-from utils import (UserError, NonFiniteLoss, pick_device, bfloat16_is_fast, get_trainloader, get_testloader,
-                   describe_data, data_visualization, loss_function, train, test, predict, model_summary, find_lr,
-                   plot_lr_finder, confusion_matrix, per_class_accuracy, plot_confusion_matrix, plot_misclassified)
+from utils import (UserError, NonFiniteLoss, pick_device, use_bfloat16, get_trainloader, get_testloader, describe_data,
+                   loss_function, train, test, predict, confusion_matrix, per_class_accuracy, model_summary, find_lr)
 
 # ---- Hyperparameters: the original's recipe. Edit them here, or override any with its flag (see --help). ----
 # A run uses this block as it is, except: --model NAME applies that model's recipe (RECIPES below) over the block,
@@ -65,29 +67,30 @@ def build_optimizer(model, hp):
 
 
 def build_scheduler(optimizer, hp, steps_per_epoch):
-    """StepLR steps once per epoch, OneCycleLR once per batch."""
+    """Both schedules step after every batch (in utils.train): OneCycleLR over the whole run, StepLR after
+    STEP_SIZE epochs' worth of batches, so that its lr drops where an epoch begins."""
     if hp["SCHEDULE"] == "onecycle":
         return optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp["LR"], epochs=hp["EPOCHS"],
                                              steps_per_epoch=steps_per_epoch, max_momentum=hp["MOMENTUM"],
                                              base_momentum=max(0.0, hp["MOMENTUM"] - 0.1))
-    return optim.lr_scheduler.StepLR(optimizer, step_size=hp["STEP_SIZE"], gamma=hp["GAMMA"])
+    return optim.lr_scheduler.StepLR(optimizer, step_size=hp["STEP_SIZE"] * steps_per_epoch, gamma=hp["GAMMA"])
 
 
 def train_run(args, device):
-    checkpoint = runs.load_checkpoint(args.resume) if args.resume else None
+    checkpoint = records.load_checkpoint(args.resume) if args.resume else None
     if checkpoint is None:
-        hp = runs.settings(args, SETTINGS, RECIPES)
-        runs.print_settings(hp, args, SETTINGS, RECIPES)
+        hp = settings.resolve(args, SETTINGS, RECIPES)
+        settings.print_settings(hp, args, SETTINGS, RECIPES)
         folder = runs.open_run_folder(args, hp)
     else:
-        hp = runs.resumed_settings(args, SETTINGS, checkpoint)
-        runs.print_settings(hp, args, SETTINGS, RECIPES, resumed=True)
+        hp = settings.resumed_settings(args, SETTINGS, checkpoint)
+        settings.print_settings(hp, args, SETTINGS, RECIPES, resumed=True)
         folder = os.path.dirname(os.path.abspath(args.resume))
         runs.lock_folder(folder)
     print(f"Run folder: {folder}")
     torch.manual_seed(hp["SEED"])
     random.seed(hp["SEED"])
-    amp = hp["AMP"] and bfloat16_is_fast(device)
+    amp = use_bfloat16(device, hp["AMP"])
     print(f"Device: {device}; mixed precision: {'bfloat16' if amp else 'off (float32)'}")
 
     # Data: MNIST as tensors on the device, augmented per batch with the block's settings (augment.py)
@@ -104,12 +107,11 @@ def train_run(args, device):
           f"{'log-probabilities' if criterion is F.nll_loss else 'raw scores'})")
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, len(train_loader))
-    batch_scheduler = scheduler if hp["SCHEDULE"] == "onecycle" else None
-    history = runs.restore(checkpoint, model, optimizer, scheduler) if checkpoint else []
+    history = records.restore(checkpoint, model, optimizer, scheduler) if checkpoint else []
 
     record = runs.open_record(folder, checkpoint, hp, model, device, amp, args)
     record.update(loss=criterion.__name__)
-    samples = os.path.join(folder, runs.SAMPLES)
+    samples = os.path.join(folder, records.SAMPLES)
     if not os.path.exists(samples):  # a resumed run keeps the one it drew at its start
         with runs.uninterrupted():
             data_visualization(train_loader, samples)
@@ -119,15 +121,13 @@ def train_run(args, device):
         runs.save_record(folder, record)
         for epoch in range(len(history) + 1, hp["EPOCHS"] + 1):
             start = time.perf_counter()
-            train_loss, train_acc = train(model, device, train_loader, optimizer, criterion, batch_scheduler, amp)
-            test_loss, test_acc = test(model, device, test_loader, criterion, amp)
+            lr = optimizer.param_groups[0]["lr"]  # metrics.csv's lr: the one the epoch begins with
+            train_loss, train_acc = train(model, device, train_loader, optimizer, criterion, scheduler, amp)
+            test_loss, test_acc = test(model, device, test_loader, criterion, amp, verbose=False)
             if not all(torch.isfinite(p).all() for p in model.parameters()):  # the last step can blow up unseen
                 raise NonFiniteLoss("the weights became infinite or NaN")
             if not math.isfinite(test_loss):
                 raise NonFiniteLoss(f"the test loss became {test_loss}")
-            lr = optimizer.param_groups[0]["lr"]
-            if batch_scheduler is None:
-                scheduler.step()
             history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                                 test_acc=test_acc, lr=lr, seconds=time.perf_counter() - start))
             runs.save_epoch(folder, record, model, optimizer, scheduler, history, title)
@@ -137,7 +137,7 @@ def train_run(args, device):
         print(f"Final test accuracy {record['final_test_acc']:.2f}% (best {record['best_test_acc']:.2f}% at epoch "
               f"{record['best_epoch']}); {record['seconds']:.0f} s of training and test")
         report_test_set(model, device, test_loader, amp, folder)
-    print("Saved: " + ", ".join(os.path.join(folder, name) for name in runs.RUN_FILES if name != runs.LR_PLOT))
+    print("Saved: " + ", ".join(os.path.join(folder, name) for name in records.RUN_FILES if name != records.LR_PLOT))
     print(f"Run folder: {folder} (compare runs with: python3 main_mnist.py --compare)")
 
 
@@ -148,20 +148,20 @@ def report_test_set(model, device, test_loader, amp, folder):
     accuracies = per_class_accuracy(matrix)
     print("Per-class test accuracy: " + "  ".join(f"{digit}: {acc:.2f}%" for digit, acc in enumerate(accuracies)))
     with runs.uninterrupted():
-        plot_misclassified(test_loader.images, probabilities, labels, os.path.join(folder, runs.MISCLASSIFIED))
-        plot_confusion_matrix(matrix, os.path.join(folder, runs.CONFUSION))
+        plot_misclassified(test_loader.images, probabilities, labels, os.path.join(folder, records.MISCLASSIFIED))
+        plot_confusion_matrix(matrix, os.path.join(folder, records.CONFUSION))
 
 
 def evaluate_only(args, device):
     """Scores a saved model on the test set, into a folder of its own: nothing a training run made is touched."""
     if not args.checkpoint:
         raise UserError("--eval-only needs --checkpoint PATH (a model.pt or checkpoint.pt)")
-    hp = runs.settings(args, SETTINGS, RECIPES)
-    runs.print_settings(hp, args, SETTINGS, RECIPES)
-    model_name, model = runs.load_model(args.checkpoint, device, hp["MODEL"] if hasattr(args, "MODEL") else None)
+    hp = settings.resolve(args, SETTINGS, RECIPES)
+    settings.print_settings(hp, args, SETTINGS, RECIPES)
+    model_name, model = records.load_model(args.checkpoint, device, hp["MODEL"] if hasattr(args, "MODEL") else None)
     hp["MODEL"] = model_name
     folder = runs.open_run_folder(args, hp, kind="eval")
-    amp = hp["AMP"] and bfloat16_is_fast(device)
+    amp = use_bfloat16(device, hp["AMP"])
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device,
                                  max_batches=1 if args.dry_run else None)
     print(f"Evaluating {model_name} from {args.checkpoint} on {device}; figures go to {folder}")
@@ -177,12 +177,12 @@ def evaluate_only(args, device):
 def find_learning_rate(args, device):
     """An LR range test of the model with its recipe's optimizer, batch size, augmentation and precision, in a
     folder of its own; nothing is trained for keeps and no model is saved."""
-    hp = runs.settings(args, SETTINGS, RECIPES)
-    runs.print_settings(hp, args, SETTINGS, RECIPES)
+    hp = settings.resolve(args, SETTINGS, RECIPES)
+    settings.print_settings(hp, args, SETTINGS, RECIPES)
     folder = runs.open_run_folder(args, hp, kind="find-lr")
     print(f"Run folder: {folder}")
     torch.manual_seed(hp["SEED"])
-    amp = hp["AMP"] and bfloat16_is_fast(device)
+    amp = use_bfloat16(device, hp["AMP"])
     train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, augmentation=hp)
     model = MODELS[hp["MODEL"]]().to(device, memory_format=torch.channels_last)
     criterion = loss_function(model, train_loader.sample())
@@ -193,7 +193,7 @@ def find_learning_rate(args, device):
         result = find_lr(model, build_optimizer(model, hp), train_loader, criterion, device, amp, num_iter=steps)
     except ValueError as error:  # it diverged at once: too few steps to suggest anything
         raise UserError(str(error)) from None
-    plot_path = os.path.join(folder, runs.LR_PLOT)
+    plot_path = os.path.join(folder, records.LR_PLOT)
     with runs.uninterrupted():
         plot_lr_finder(result, plot_path, title=f"{os.path.basename(folder)}: {hp['MODEL']}, batch {hp['BATCH_SIZE']}")
         record.update(status="finished", suggested_lr=result["suggested_lr"], rule=result["rule"])
@@ -203,12 +203,12 @@ def find_learning_rate(args, device):
 
 
 def main(argv=None):
-    args = runs.parse_args(argv, SETTINGS, RECIPES, runs.setting_comments(__file__))
+    args = settings.parse_args(argv, SETTINGS, RECIPES, settings.setting_comments(__file__))
     device = pick_device()
     try:
         with runs.stop_signals_handled():
             if args.compare is not None:
-                runs.compare(args.compare, runs.settings(args, SETTINGS, RECIPES)["OUT_DIR"])
+                runs.compare(args.compare, settings.resolve(args, SETTINGS, RECIPES)["OUT_DIR"])
             elif args.eval_only:
                 evaluate_only(args, device)
             elif args.find_lr:

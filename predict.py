@@ -1,6 +1,6 @@
 """Read handwritten digits from image files: python3 predict.py IMAGE [IMAGE ...] [--checkpoint PATH] [--out PATH]
 
-Any photo, scan or drawing works: each image is brought to MNIST's format first (utils.to_mnist: grey, light ink
+Any photo, scan or drawing works: each image is brought to MNIST's format first (images.to_mnist: grey, light ink
 on black, cropped to the ink, fitted to 20x20 and centred by mass in 28x28). Prints the digit and the top-3
 probabilities of each image, and draws predictions.png: each image as given, as the model saw it, and the ten
 probabilities. By default the model is the one of the newest finished run in OUT_DIR (main_mnist.py).
@@ -15,15 +15,15 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): a word, not th
     signal.signal(signal.SIGINT, lambda *_: sys.exit("Stopped."))
 
 import torch
-from matplotlib.figure import Figure
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import runs
+import records
+from figures import SHOWN_SIZE, plot_predictions
+from images import mnist_batch, to_mnist
 from main_mnist import OUT_DIR
-from utils import UserError, pick_device, to_mnist, mnist_batch, save_figure
+from utils import UserError, pick_device
 
 MAX_SHOWN = 20  # images drawn in predictions.png; a taller figure would be too long to read
-SHOWN_SIZE = (256, 256)  # each image is kept this small for predictions.png once read, not whole
 # The most pixels an image may have, checked in the file's header before anything is decoded, by predict.py and
 # by app.py's page. PIL's own guard stops only images over 179 megapixels, and a 13,300 x 13,300 PNG of 714 KB
 # took 9 GB. Reading an image costs about 10 bytes a pixel at its peak (the decoded image, a copy as an array, its
@@ -35,11 +35,11 @@ MAX_PIXELS = 65_000_000
 def default_checkpoint(parent=OUT_DIR):
     """The model.pt of the newest finished run under `parent` (main_mnist.py's OUT_DIR); UserError saying how to
     train one if there is none."""
-    folder = runs.latest_finished_run(parent)
+    folder = records.latest_finished_run(parent)
     if folder is None:
         raise UserError(f"no trained model in {parent}/: train one with `python3 main_mnist.py` "
                         f"(or name a model.pt with --checkpoint PATH)")
-    return os.path.join(folder, runs.FINAL_MODEL)
+    return os.path.join(folder, records.FINAL_MODEL)
 
 
 CHECKPOINT_HELP = f"a model.pt or checkpoint.pt (default: the model.pt of the newest finished run in {OUT_DIR}/)"
@@ -50,7 +50,7 @@ def load_reader(checkpoint, device):
     neither can be loaded. Says which model it is."""
     try:
         path = checkpoint or default_checkpoint()
-        name, model = runs.load_model(path, device)
+        name, model = records.load_model(path, device)
     except UserError as error:
         sys.exit(f"error: {error}")
     print(f"Model: {name} from {path}" + ("" if checkpoint else " (the newest finished run)"))
@@ -108,29 +108,6 @@ def classify(model, device, digits):
     """Probabilities [N, 10] of the 28x28 images `digits` [N, 28, 28]."""
     with torch.inference_mode():
         return model(mnist_batch(digits).to(device)).float().softmax(dim=1).cpu()  # log-probabilities or scores
-
-
-def plot_predictions(paths, images, digits, probabilities, path):
-    """A row per image: as given, as the model saw it (28x28, light on black), and its ten probabilities."""
-    count = len(paths)
-    fig = Figure(figsize=(9, 2.4 * count), layout="constrained")  # titles clear of the axes above
-    axs = fig.subplots(count, 3, squeeze=False, width_ratios=[1, 1, 2])
-    for row, (name, image, digit, probs) in enumerate(zip(paths, images, digits, probabilities)):
-        shown = image.convert("RGBA")
-        shown.thumbnail(SHOWN_SIZE)  # a 12-megapixel photo is drawn as small as it is shown
-        axs[row, 0].imshow(shown)
-        axs[row, 0].set_title(os.path.basename(name), fontsize=9)
-        axs[row, 1].imshow(digit.numpy(), cmap="gray", vmin=0, vmax=1)
-        axs[row, 1].set_title("model input (28x28)", fontsize=9)
-        for ax in axs[row, :2]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        best = int(probs.argmax())
-        axs[row, 2].bar(range(10), probs.numpy(), color=["tab:blue" if d == best else "tab:gray" for d in range(10)])
-        axs[row, 2].set_xticks(range(10))
-        axs[row, 2].set_ylim(0, 1)
-        axs[row, 2].set_title(f"read as {best} ({100 * float(probs[best]):.1f}%)", fontsize=9)
-    save_figure(fig, path)
 
 
 def top3_line(path, probs):

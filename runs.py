@@ -1,9 +1,6 @@
-"""Run bookkeeping for main_mnist.py, so that the training script can tell the training story.
-
-Here: the command line built from the script's settings, a folder per run with its lock and its record (run.json),
-checkpoints and exact resume, Ctrl-C and SIGTERM, what a failed run leaves and says, and `--compare`.
+"""A folder per run: its lock, its record (run.json) from start to end, what each epoch saves, what a stopped or
+failed run leaves and says, and --compare, which puts runs side by side.
 """
-import argparse
 import csv
 import datetime
 import hashlib
@@ -11,15 +8,12 @@ import io
 import json
 import os
 import platform
-import random
 import re
 import shlex
 import signal
 import stat
 import subprocess
 import sys
-import textwrap
-import tokenize
 from contextlib import contextmanager
 
 try:  # the folder lock: POSIX's flock where there is one (Linux, macOS), else Windows' byte-range locks
@@ -34,169 +28,33 @@ except ImportError:
 import torch
 import torchvision
 
-from model import MODELS
-from utils import (UserError, NonFiniteLoss, METRICS_HEADER, atomic_write, write_metrics, plot_metrics,
-                   plot_comparison)
+from figures import plot_comparison, plot_metrics
+from records import (CHECKPOINT, FINAL_MODEL, METRICS, PLOT, RECORD, RUN_FILES, TEXT, best_epoch, check_fields,
+                     load_checkpoint, read_history, read_record, rng_states, write_metrics)
+from settings import resume_command
+from utils import NonFiniteLoss, UserError, atomic_write
 
-# The files of a run folder. Any of RUN_FILES in a folder means a run wrote there, and no other run may.
-RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL = "run.json", "checkpoint.pt", "metrics.csv", "accuracy_loss.png", "model.pt"
-SAMPLES, MISCLASSIFIED, CONFUSION, LR_PLOT = "samples.png", "misclassified.png", "confusion_matrix.png", "lr_finder.png"
-RUN_FILES = (RECORD, SAMPLES, CHECKPOINT, METRICS, PLOT, FINAL_MODEL, MISCLASSIFIED, CONFUSION, LR_PLOT)
 LOCK = ".lock"
+
+
 COMPARISON_PNG, COMPARISON_CSV = "comparison.png", "comparison.csv"
 
-# The valid choices of the settings that have a fixed list of them; --help shows them, check_settings enforces them.
-CHOICES = {"MODEL": list(MODELS), "SCHEDULE": ["step", "onecycle"]}
-# What may change when a run resumes: the optimizer and the schedule come back from the checkpoint as they were.
-RESUMABLE = ["EPOCHS", "DATA_DIR"]
+
 # Settings that say where things are rather than how the model trains; --compare does not list them.
 PLACES = ["DATA_DIR", "OUT_DIR"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The command line: one flag per setting, its help taken from the comment beside the setting.
-
-def flag_name(name):
-    """The command-line flag of a setting: BATCH_SIZE -> --batch-size."""
-    return "--" + name.lower().replace("_", "-")
-
-
-def setting_comments(path):
-    """{NAME: comment} for each line `NAME = value  # comment` of a Python file: a setting's meaning, written once."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    comments = {token.start[0]: token.string.lstrip("#").strip()
-                for token in tokenize.generate_tokens(iter(lines).__next__) if token.type == tokenize.COMMENT}
-    names = {number: match.group(1) for number, line in enumerate(lines, 1)
-             if (match := re.match(r"([A-Z][A-Z0-9_]*)\s*=", line))}
-    return {name: comments[number] for number, name in names.items() if number in comments}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line that names the problem, rather than the whole usage text
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_args(argv, defaults, recipes, helps):
-    """The flags given (a setting's attribute exists only when its flag was given), checked with the settings they
-    make: a bad value stops here, with one line and exit code 2, before any work."""
-    recipe_lines = "\n".join(f"  {model}: " + (", ".join(f"{k}={v}" for k, v in recipe.items()) or "the settings as they are")
-                             for model, recipe in recipes.items())
-    parser = _Parser(description="Train a digit classifier on MNIST.", formatter_class=argparse.RawTextHelpFormatter,
-                     allow_abbrev=False,  # --epoch is a typo, not --epochs
-                     epilog=f"recipes applied by --model (flags given still win):\n{recipe_lines}")
-    for name, default in defaults.items():
-        kwargs = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
-        if name in CHOICES:
-            kwargs["metavar"] = "{" + ",".join(CHOICES[name]) + "}"
-        in_recipes = "".join(f"; {model}: {recipe[name]}" for model, recipe in recipes.items() if name in recipe)
-        parser.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS,
-                            help=f"{helps.get(name, name)} (default: {default}{in_recipes})", **kwargs)
-    parser.add_argument("--dry-run", action="store_true", help="one batch of training and one of test per epoch")
-    modes = parser.add_mutually_exclusive_group()  # one mode at a time: a second stops here, in one line
-    modes.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.pt, "
-                                                              "in its own folder")
-    modes.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the test set")
-    parser.add_argument("--checkpoint", metavar="PATH", help="with --eval-only: a model.pt or checkpoint.pt")
-    modes.add_argument("--find-lr", action="store_true", help="an LR range test of the model and recipe; "
-                                                              "prints a suggested --lr, trains nothing for keeps")
-    modes.add_argument("--compare", nargs="*", metavar="RUN_DIR",
-                       help="train nothing: put these runs (default: every run in OUT_DIR) side by side")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # for the run's record
-    if args.eval_only and not args.checkpoint:
-        parser.error("--eval-only needs --checkpoint PATH (a model.pt or checkpoint.pt)")
-    if args.checkpoint and not args.eval_only:
-        parser.error("--checkpoint goes with --eval-only; to continue training, use --resume PATH")
-    if args.resume is None:
-        try:
-            check_settings(settings(args, defaults, recipes))
-        except UserError as error:
-            parser.error(str(error))
-    return args
-
-
-def flags_given(args, defaults):
-    return {name: getattr(args, name) for name in defaults if hasattr(args, name)}
-
-
-def settings(args, defaults, recipes):
-    """The run's settings: the block (defaults) as it is, then the recipe of the model that --model names, then the
-    other flags. A model chosen in the block gets no recipe: what the block says is what runs."""
-    given = flags_given(args, defaults)
-    return {**defaults, **recipes.get(given.get("MODEL"), {}), **given}
-
-
-def print_settings(hp, args, defaults, recipes, resumed=False):
-    """Prints the settings a run uses, a few to a line, marking those that did not come from the block: [flag]
-    (the command line), [recipe] (the recipe of --model) or, for a resumed run, [checkpoint]."""
-    given = flags_given(args, defaults)
-    recipe = {} if resumed else recipes.get(given.get("MODEL"), {})
-    marked = []
-    for name, value in hp.items():
-        mark = ("flag" if name in given else "recipe" if name in recipe
-                else "checkpoint" if resumed and value != defaults.get(name) else None)
-        marked.append(f"{name}={value}" + (f" [{mark}]" if mark else ""))
-    where = "the block of main_mnist.py"
-    if recipe:
-        where += f", {given['MODEL']}'s recipe [recipe] (RECIPES in main_mnist.py)"
-    if resumed:
-        where = "the checkpoint's [checkpoint] where they differ from the block"
-    print(f"Settings ({where}; [flag]: from the command line):")
-    line = " "
-    for item in marked:
-        if len(line) + 2 + len(item) > 116:
-            print(line)
-            line = " "
-        line += " " + item
-    print(line)
-    unused = {name: value for name, value in recipes.get(hp["MODEL"], {}).items() if hp[name] != value}
-    if not resumed and "MODEL" not in given and unused:
-        print(textwrap.fill(f"Note: MODEL {hp['MODEL']} comes from the block, which is used as it is; --model "
-                            f"{hp['MODEL']} would apply its recipe: "
-                            + ", ".join(f"{name}={value}" for name, value in unused.items()),
-                            width=118, subsequent_indent="  ", break_on_hyphens=False))
-
-
-def check_settings(hp):
-    """Raises UserError for the first value that would make the run fail or train garbage. Every rule is here."""
-    def whole(name, least):
-        return isinstance(hp[name], int) and not isinstance(hp[name], bool) and hp[name] >= least
-
-    def number(name, low, high):  # NaN fails every comparison, so it is never in range
-        return isinstance(hp[name], (int, float)) and not isinstance(hp[name], bool) and low <= hp[name] <= high
-
-    rules = [
-        ("MODEL", hp["MODEL"] in CHOICES["MODEL"], f"must be one of {', '.join(CHOICES['MODEL'])}"),
-        ("SCHEDULE", hp["SCHEDULE"] in CHOICES["SCHEDULE"], f"must be one of {', '.join(CHOICES['SCHEDULE'])}"),
-        ("EPOCHS", whole("EPOCHS", 1), "must be a whole number, at least 1"),
-        ("BATCH_SIZE", whole("BATCH_SIZE", 1), "must be a whole number, at least 1"),
-        ("TEST_BATCH_SIZE", whole("TEST_BATCH_SIZE", 1), "must be a whole number, at least 1"),
-        ("LR", number("LR", 0, float("inf")) and 0 < hp["LR"] < float("inf"), "must be a positive number"),
-        ("MOMENTUM", number("MOMENTUM", 0, 1) and hp["MOMENTUM"] < 1, "must be in [0, 1)"),
-        ("WEIGHT_DECAY", number("WEIGHT_DECAY", 0, float("inf")) and hp["WEIGHT_DECAY"] < float("inf"),
-         "must be 0 or more"),
-        ("STEP_SIZE", whole("STEP_SIZE", 1), "must be a whole number, at least 1"),
-        ("GAMMA", number("GAMMA", 0, 1) and hp["GAMMA"] > 0, "must be in (0, 1]"),
-        ("NESTEROV", not hp["NESTEROV"] or hp["MOMENTUM"] > 0, "needs a MOMENTUM above 0"),
-        ("ROTATION", number("ROTATION", 0, 180), "must be a number of degrees from 0 to 180"),
-        ("CROP_P", number("CROP_P", 0, 1), "must be a probability, from 0 to 1"),
-        ("CROP_SIZE", whole("CROP_SIZE", 1) and hp["CROP_SIZE"] <= 28, "must be a whole number of pixels, 1 to 28"),
-        ("SHIFT", whole("SHIFT", 0) and hp["SHIFT"] < 28, "must be a whole number of pixels, 0 to 27"),
-        ("SEED", whole("SEED", 0) and hp["SEED"] < 2 ** 63, "must be a whole number from 0 to 2**63 - 1"),
-    ]
-    for name, ok, requirement in rules:
-        if not ok:
-            raise UserError(f"{name} ({flag_name(name)}) {requirement}, not {hp[name]!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Run folders and their lock: one writer per folder, and nothing a run wrote is ever overwritten by another.
 
 _held_locks = []  # open lock files: the OS releases their locks when the process ends, however it ends
+
+
 # Windows locks byte ranges, and a locked range cannot be read by others: the lock is taken on a byte far past the
 # process id that the file holds, so that a second process can still read who holds it.
 _LOCKED_BYTE = 1 << 20
+
+
 _PID_LINE = re.compile(rb"\d{1,20}\n?")  # what a lock file of ours holds: the process id of its last holder
 
 
@@ -339,10 +197,6 @@ def open_run_folder(args, hp, kind=""):
     return new_run_folder(hp["OUT_DIR"], hp["MODEL"] + (f"_{kind}" if kind else ""))
 
 
-def resume_command(checkpoint_path, dry_run=False):
-    return f"python3 main_mnist.py --resume {shlex.quote(checkpoint_path)}" + (" --dry-run" if dry_run else "")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # run.json: what a person reads to know what a run was and how it went. Rewritten whole at every change.
 
@@ -449,242 +303,12 @@ def save_record(folder, record):
     atomic_write(os.path.join(folder, RECORD), lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
 
 
-def read_record(folder):
-    """The run.json of `folder`, checked against RECORD_FIELDS; UserError naming the file and its first problem
-    if it is missing, not JSON, or not such a record (edited by hand, or written by another program)."""
-    path = os.path.join(folder, RECORD)
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} cannot be read as JSON ({getattr(error, 'strerror', None) or error})") from None
-    check_fields(record, RECORD_FIELDS, path)
-    return record
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Records as they are read back, from this version, an older one or a hand's edit: one check per kind of file.
-
-NUMBER, WHOLE, TEXT, MAPPING, ROWS = "a number", "a whole number", "a text", "a mapping", "a list"
-RECORD_FIELDS = {"mode": TEXT, "status": TEXT, "model": TEXT, "hyperparameters": MAPPING, "epochs_done": WHOLE,
-                 "epochs_planned": WHOLE, "final_test_acc": (NUMBER, None), "best_test_acc": (NUMBER, None),
-                 "best_epoch": (WHOLE, None), "seconds": NUMBER}
-CHECKPOINT_FIELDS = {"hyperparameters": MAPPING, "epoch": WHOLE, "model": MAPPING, "optimizer": MAPPING,
-                     "scheduler": MAPPING, "history": ROWS}
-LARGEST = float(torch.finfo(torch.float32).max)  # no metric of a float32 training is larger; a figure can draw it
-
-
-def _is(value, kind):
-    if kind is None:
-        return value is None
-    if kind in (NUMBER, WHOLE):
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        return whole or (kind == NUMBER and isinstance(value, float) and abs(value) <= LARGEST)
-    return isinstance(value, {TEXT: str, MAPPING: dict, ROWS: list}[kind])
-
-
-def check_fields(data, fields, what):
-    """UserError naming `what` and the first of `fields` ({key: kind or (kinds...)}) that `data` lacks or holds
-    a value of another kind for (a NaN or an infinite value is no number here)."""
-    if not isinstance(data, dict):
-        raise UserError(f"{what} does not hold a record (a mapping of names to values)")
-    for key, kinds in fields.items():
-        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        if key not in data:
-            raise UserError(f"{what} lacks {key!r}: it was not written by this version of main_mnist.py")
-        if not any(_is(data[key], kind) for kind in kinds):
-            wanted = " or ".join("null" if kind is None else kind for kind in kinds)
-            raise UserError(f"{what} has {key} = {data[key]!r}, where {wanted} belongs")
-
-
-def check_history(rows, what):
-    """UserError naming `what` and the first epoch's row that is not one of metrics.csv's: its columns, epochs
-    numbered from 1, finite numbers, accuracies in [0, 100], losses, lr and seconds not negative."""
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or set(row) != set(METRICS_HEADER.split(",")):
-            raise UserError(f"{what}: the row of epoch {number} does not have the columns {METRICS_HEADER}")
-        bad = [key for key, value in row.items() if not _is(value, NUMBER) or value < 0
-               or (key.endswith("acc") and value > 100)]
-        if row["epoch"] != number or bad:
-            name = "epoch" if row["epoch"] != number else bad[0]
-            raise UserError(f"{what}: epoch {number} has {name} = {row[name]!r}, which no run writes")
-
-
 def record_epochs(record, history):
     """The record's summary of the epochs so far."""
-    best = max(history, key=lambda row: row["test_acc"])
+    best = best_epoch(history)
     record.update(epochs_done=history[-1]["epoch"], final_test_acc=round(history[-1]["test_acc"], 4),
                   best_test_acc=round(best["test_acc"], 4), best_epoch=best["epoch"],
                   seconds=round(sum(row["seconds"] for row in history), 1))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: everything an exact resume needs, read back with weights_only=True (no code runs from the file).
-
-def rng_states():
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    if torch.backends.mps.is_available():
-        states["mps"] = torch.mps.get_rng_state()
-    return states
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if "mps" in states and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(states["mps"])
-
-
-def read_saved(path, what):
-    """torch.load of a file the user named; weights_only=True runs no code from the file."""
-    if not os.path.isfile(path):
-        raise UserError(f"no {what} at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file: not a zip, truncated, foreign pickle ...
-        raise UserError(f"{path} is not a {what} this script can read ({type(error).__name__})") from None
-
-
-def load_checkpoint(path):
-    """The dict save_epoch() writes after each epoch, checked against CHECKPOINT_FIELDS and its own history (and
-    its model's name against model.py) before anything is built from it."""
-    return check_checkpoint(read_saved(path, "checkpoint"), path)
-
-
-def check_checkpoint(checkpoint, path):
-    """`checkpoint`, read from `path`, if it is one that save_epoch() writes; else UserError saying what it lacks."""
-    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise UserError(f"{path} is not a training checkpoint. It holds only model weights (a model.pt?): resume "
-                        f"from checkpoint.pt.")
-    check_fields(checkpoint, CHECKPOINT_FIELDS, path)
-    check_fields(checkpoint["hyperparameters"], {"MODEL": TEXT, "EPOCHS": WHOLE}, f"{path} (its hyperparameters)")
-    check_history(checkpoint["history"], f"{path} (its history)")
-    if checkpoint["epoch"] != len(checkpoint["history"]) or checkpoint["epoch"] < 1:
-        raise UserError(f"{path} says epoch {checkpoint['epoch']} but holds {len(checkpoint['history'])} epochs' "
-                        f"metrics")
-    if checkpoint["hyperparameters"]["MODEL"] not in MODELS:
-        raise UserError(f"{path} is a run of {checkpoint['hyperparameters']['MODEL']}, which model.py does not "
-                        f"define (it has {', '.join(MODELS)})")
-    return checkpoint
-
-
-def resumed_settings(args, defaults, checkpoint):
-    """The settings of the run --resume continues: the checkpoint's, with only RESUMABLE ones changed by flags."""
-    saved = checkpoint["hyperparameters"]
-    given = flags_given(args, defaults)
-    if "MODEL" in given and given["MODEL"] != saved["MODEL"]:
-        raise UserError(f"{args.resume} belongs to a {saved['MODEL']} run, not to --model {given['MODEL']}")
-    if "OUT_DIR" in given:
-        raise UserError("--resume continues in the checkpoint's own folder: leave out --out-dir")
-    fixed = [name for name, value in given.items() if name not in RESUMABLE and value != saved.get(name)]
-    if fixed:
-        raise UserError(f"a resumed run keeps its hyperparameters; only {', '.join(map(flag_name, RESUMABLE))} "
-                        f"may change, not {', '.join(fixed)}")
-    started_dry = checkpoint.get("dry_run", args.dry_run)  # (older versions did not save it)
-    if started_dry != args.dry_run:
-        raise UserError(f"this run was started {'with' if started_dry else 'without'} --dry-run, and goes on so: "
-                        f"{resume_command(args.resume, started_dry)}")
-    predates = [name for name in defaults if name not in saved]  # added to the block after the run began
-    if predates:
-        print(f"Note: {args.resume} predates the settings {', '.join(predates)}: the block's values are used")
-    hp = {**defaults, **saved, **given}
-    check_settings(hp)
-    if hp["EPOCHS"] <= checkpoint["epoch"]:
-        raise UserError(f"{args.resume} ends at epoch {checkpoint['epoch']}, so there is nothing left to train: "
-                        f"add --epochs N with N above {checkpoint['epoch']} to train further")
-    if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != saved["EPOCHS"]:
-        raise UserError("a onecycle run's length is fixed when it starts: resume it without --epochs")
-    return hp
-
-
-def restore(checkpoint, model, optimizer, scheduler):
-    """Puts a resumed run back where its checkpoint left it; returns the history of its epochs so far. UserError,
-    before anything is written, if the checkpoint does not fit: a model whose layers changed since the run began."""
-    name = checkpoint["hyperparameters"]["MODEL"]
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, TypeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"the checkpoint's weights do not fit {name} as model.py defines it now (changed since the "
-                        f"run began?): {first}") from None
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if "rng" in checkpoint:
-            set_rng_states(checkpoint["rng"])
-        else:
-            print("Note: the checkpoint holds no random state (an older version's): the run goes on, not exactly "
-                  "as an uninterrupted one would")
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise UserError(f"the checkpoint's optimizer, schedule or random state cannot be restored "
-                        f"({type(error).__name__}: {str(error).strip()[:200]})") from None
-    return checkpoint["history"]
-
-
-def load_weights(path):
-    """(model name or None, state_dict) from a model.pt or a checkpoint.pt. The name comes from the checkpoint, or
-    from the run.json beside a model.pt; None if neither says."""
-    saved = read_saved(path, "model file")
-    if isinstance(saved, dict) and "hyperparameters" in saved:
-        checkpoint = check_checkpoint(saved, path)
-        return checkpoint["hyperparameters"]["MODEL"], checkpoint["model"]
-    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
-        raise UserError(f"{path} does not hold a model's state_dict")
-    try:
-        return read_record(os.path.dirname(path) or ".")["model"], saved
-    except UserError:  # no run.json beside it (a file of its own), or one this script cannot read
-        return None, saved
-
-
-def load_model(path, device, model_name=None):
-    """(model name, model in eval mode on `device`) from a model.pt or checkpoint.pt.
-
-    The model's class is the one the file (or its run.json) names, else `model_name`, else whichever fits."""
-    saved_name, state_dict = load_weights(path)
-    if saved_name and model_name and saved_name != model_name:
-        raise UserError(f"{path} holds a {saved_name}, not a {model_name}")
-    name = saved_name or model_name
-    candidates = [name] if name else list(MODELS)
-    for candidate in candidates:
-        model = MODELS[candidate]()
-        if _fits(model, state_dict):
-            return candidate, model.to(device, memory_format=torch.channels_last).eval()
-    fits = [other for other in MODELS if other not in candidates and _fits(MODELS[other](), state_dict)]
-    hint = f"; it fits --model {fits[0]}" if fits else ""
-    raise UserError(f"{path} does not hold weights of {' or '.join(candidates)}{hint}")
-
-
-def _fits(model, state_dict):
-    """Loads state_dict into model if its names and shapes match; says whether they did."""
-    try:
-        model.load_state_dict(state_dict)
-        return True
-    except RuntimeError:
-        return False
-
-
-def latest_finished_run(parent):
-    """The newest folder under `parent` whose run finished training and left its model.pt; None if there is none."""
-    try:
-        names = sorted(os.listdir(parent), reverse=True)  # run folders sort by their start
-    except OSError:
-        return None
-    for name in names:
-        folder = os.path.join(parent, name)
-        try:
-            record = read_record(folder)
-        except UserError:  # not a run's folder, or a record this script cannot read: not a candidate
-            continue
-        if (record["mode"] == "train" and record["status"] == "finished"
-                and os.path.isfile(os.path.join(folder, FINAL_MODEL))):
-            return folder
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -814,33 +438,6 @@ def run_folders(parent):
     except OSError:
         raise UserError(f"no runs to compare: cannot read {parent}") from None
     return [os.path.join(parent, name) for name in names if os.path.exists(os.path.join(parent, name, RECORD))]
-
-
-def read_history(folder):
-    """The rows of a run's metrics.csv, checked by check_history; [] if the run has none yet (in its first epoch,
-    or killed there). UserError naming the file and its first problem if it is not a metrics.csv."""
-    path = os.path.join(folder, METRICS)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            lines = list(csv.reader(f))
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} cannot be read ({getattr(error, 'strerror', None) or error})") from None
-    if not lines or ",".join(lines[0]) != METRICS_HEADER:
-        raise UserError(f"{path} does not start with the header {METRICS_HEADER}")
-    rows = []
-    for values in lines[1:]:
-        try:
-            numbers = [float(value) for value in values]
-        except ValueError:
-            numbers = []
-        row = dict(zip(lines[0], numbers)) if len(numbers) == len(lines[0]) else {}
-        if "epoch" in row and row["epoch"].is_integer():
-            row["epoch"] = int(row["epoch"])
-        rows.append(row)
-    check_history(rows, path)
-    return rows
 
 
 def run_status(folder, record):

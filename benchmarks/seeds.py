@@ -12,7 +12,6 @@ on the machine do not move it), then min / mean / max per precision (with the me
 epoch). It is made from each folder's metrics.csv.
 """
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -21,7 +20,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import runs  # noqa: E402  (the repo root: the run folders' lock)
+import records  # noqa: E402  (the repo root: metrics.csv as runs write it, and the best epoch)
+import runs  # noqa: E402  (the run folders' lock)
 PRECISION_FLAGS = {"bfloat16": [], "float32": ["--no-amp"]}
 
 
@@ -51,15 +51,11 @@ def train(folder, model, precision, seed, extra):
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
-def read_history(folder):
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
-
-
 def summary(history):
     accuracies = [row["test_acc"] for row in history]
-    return {"final": accuracies[-1], "best": max(accuracies), "best_epoch": int(history[accuracies.index(max(accuracies))]["epoch"]),
-            "last3": accuracies[-3:], "seconds": statistics.median(row["seconds"] for row in history)}
+    best = records.best_epoch(history)
+    return {"final": accuracies[-1], "best": best["test_acc"], "best_epoch": best["epoch"], "last3": accuracies[-3:],
+            "seconds": statistics.median(row["seconds"] for row in history)}
 
 
 def print_table(results):
@@ -97,7 +93,7 @@ def main():
                     print(f"not finished: {folder}")
                     continue
                 train(folder, args.model, precision, seed, extra)
-            results[precision, seed] = summary(read_history(folder))
+            results[precision, seed] = summary(records.read_history(folder))
     if results:
         print_table(results)
 

@@ -126,7 +126,7 @@ def main():
     args = parser.parse_args()
 
     device = utils.pick_device()
-    amp = main_mnist.AMP and utils.bfloat16_is_fast(device)
+    amp = utils.use_bfloat16(device, main_mnist.AMP)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {device} ({name}); mixed precision of (b) and (c): "
           f"{'bfloat16' if amp else 'off'}; batch {BATCH}, {args.steps} timed steps per path")

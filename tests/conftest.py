@@ -6,6 +6,7 @@ import shutil
 import socket
 import struct
 
+import matplotlib.image
 import pytest
 import torch
 from torchvision import datasets
@@ -96,3 +97,13 @@ def trained_model(real_data_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained") / "run"
     main_mnist.main(["--model", "CompactNet", "--epochs", "1", "--data-dir", real_data_dir, "--out-dir", str(folder)])
     return str(folder / "model.pt")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100

@@ -1,6 +1,8 @@
 import importlib.util
 import os
 
+import records
+
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("seeds", os.path.join(REPO, "benchmarks", "seeds.py"))
@@ -20,11 +22,11 @@ def test_seed_table_gives_each_run_and_min_mean_max_per_precision(tmp_path, caps
     # Two finished runs of one precision; the table-only mode trains nothing and reads their metrics.csv.
     write_metrics(tmp_path / "Net-float32-seed1", [98.0, 99.2, 99.4, 99.3], [10, 11, 50, 12])
     write_metrics(tmp_path / "Net-float32-seed2", [98.5, 99.1, 99.0, 99.5], [9, 9, 9, 9])
-    first = seeds.summary(seeds.read_history(seeds.run_folder(str(tmp_path), "Net", "float32", 1)))
+    first = seeds.summary(records.read_history(seeds.run_folder(str(tmp_path), "Net", "float32", 1)))
     assert first == {"final": 99.3, "best": 99.4, "best_epoch": 3, "last3": [99.2, 99.4, 99.3], "seconds": 11.5}
 
     seeds.print_table({("float32", 1): first,
-                       ("float32", 2): seeds.summary(seeds.read_history(tmp_path / "Net-float32-seed2"))})
+                       ("float32", 2): seeds.summary(records.read_history(tmp_path / "Net-float32-seed2"))})
     out = capsys.readouterr().out
     assert "| float32 | 1 | 99.20 / 99.40 / 99.30 | 99.30 | 99.40 (3) | 11.5 |" in out  # median: 50 s is ignored
     assert "| float32 | 2 | 99.10 / 99.00 / 99.50 | 99.50 | 99.50 (4) | 9.0 |" in out

@@ -162,7 +162,7 @@ BLOCK_POSIX = "import sys\nsys.modules['fcntl'] = None  # as on Windows: `import
 
 
 def test_the_modules_import_and_a_dry_run_works_without_posix_modules(copy, real_data_dir, tmp_path):
-    modules = "main_mnist, predict, runs, utils, augment, model"
+    modules = "main_mnist, predict, runs, records, settings, figures, images, utils, augment, model"
     modules += ", app" if importlib.util.find_spec("gradio") else ""
     importing = subprocess.run([sys.executable, "-c", BLOCK_POSIX + f"\nimport {modules}"],
                                cwd=copy, capture_output=True, text=True, timeout=300)
@@ -235,7 +235,7 @@ def declared(requirements_file):
 
 
 @pytest.mark.parametrize("files, requirements", [
-    (["main_mnist.py", "model.py", "utils.py", "augment.py", "runs.py", "predict.py"], ["requirements.txt"]),
+    ([name for name in os.listdir(REPO) if name.endswith(".py") and name != "app.py"], ["requirements.txt"]),
     (["app.py"], ["requirements.txt", "requirements-demo.txt"]),
 ])
 def test_every_package_the_code_imports_is_in_its_requirements(files, requirements):
@@ -246,3 +246,12 @@ def test_every_package_the_code_imports_is_in_its_requirements(files, requiremen
         for package in imported_packages(os.path.join(REPO, file)) - local - set(sys.stdlib_module_names):
             providers = {name.lower().replace("_", "-") for name in distributions.get(package, [package])}
             assert providers & wanted, f"{file} imports {package} ({', '.join(providers)}), not in {requirements}"
+
+
+def test_each_room_imports_only_what_its_purpose_needs():
+    assert not {"matplotlib", "PIL"} & imported_packages(os.path.join(REPO, "utils.py"))  # data and training only
+    assert "matplotlib" not in imported_packages(os.path.join(REPO, "images.py"))  # to_mnist draws nothing
+    for name in os.listdir(REPO):
+        if name.endswith(".py"):
+            with open(os.path.join(REPO, name), encoding="utf-8") as f:
+                assert len(f.readlines()) <= 550, f"{name} has grown past one room"

@@ -2,7 +2,6 @@
 and nothing already on disk is lost or changed. Each test is what a user did, then what they saw."""
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,9 @@ import matplotlib.colors
 import pytest
 import torch
 
+import figures
 import main_mnist
+import records
 import runs
 import utils
 from conftest import REPO
@@ -133,7 +134,7 @@ def test_fifty_runs_get_fifty_colours_and_a_legend_clear_of_the_curves(tmp_path)
                "history": [dict(epoch=e, train_loss=1 / e, train_acc=90 + e, test_loss=0.5 / e / (1 + i / 50),
                                 test_acc=97 + e / 5 + i / 100, lr=0.01, seconds=1.0) for e in range(1, 11)]}
               for i in range(50)]
-    fig = utils.plot_comparison(curves, tmp_path / "comparison.png")
+    fig = figures.plot_comparison(curves, tmp_path / "comparison.png")
     acc_ax = fig.axes[0]
     colours = {matplotlib.colors.to_hex(line.get_color()) for line in acc_ax.lines if line.get_gid() is None}
     assert len(colours) == 50
@@ -280,3 +281,25 @@ def test_ctrl_c_while_the_libraries_load_prints_no_traceback(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0 and "Traceback" not in stderr and "Stopped." in stderr
+
+
+def test_an_older_step_schedule_that_counted_epochs_resumes_with_the_same_lrs():
+    # Before the schedule stepped after every batch, StepLR stepped once an epoch and counted epochs.
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    older = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.1)
+    for _ in range(2):  # two epochs done
+        optimizer.step()
+        older.step()
+    checkpoint = {"hyperparameters": {"MODEL": "Net"}, "model": model.state_dict(), "history": [],
+                  "optimizer": optimizer.state_dict(), "scheduler": older.state_dict(), "rng": records.rng_states()}
+    batches = 5
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = main_mnist.build_scheduler(optimizer, {"SCHEDULE": "step", "STEP_SIZE": 3, "GAMMA": 0.1}, batches)
+    records.restore(checkpoint, model, optimizer, scheduler)
+    lrs = []
+    for _ in range(2 * batches):  # epochs 3 and 4, stepping after each batch
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [0.01] * batches + [pytest.approx(0.001)] * batches  # the drop where epoch 4 begins, as before

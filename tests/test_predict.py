@@ -1,4 +1,4 @@
-"""utils.to_mnist, which brings any image to MNIST's format, and predict.py, which reads digits from image files."""
+"""to_mnist, which brings any image to MNIST's format, and predict.py, which reads digits from image files."""
 import json
 import os
 import re
@@ -11,10 +11,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import main_mnist
 import predict
+import records
 import runs
+from images import mnist_batch, to_mnist
 from main_mnist import OUT_DIR
-from utils import UserError, load_mnist, mnist_batch, to_mnist
+from model import CompactNet
+from utils import UserError, load_mnist
 
 
 def mass_centre(digit):
@@ -110,7 +114,7 @@ def test_predict_reads_photos_of_digits_as_the_model_reads_the_originals(real_da
     for i, image in enumerate(images):
         paths.append(str(tmp_path / f"digit{i:03d}.png"))
         photo_of(image, rng).save(paths[-1])
-    _, model = runs.load_model(trained_model, "cpu")
+    _, model = records.load_model(trained_model, "cpu")
     with torch.inference_mode():
         own_answers = model(mnist_batch(images.float() / 255)).argmax(1).tolist()
 
@@ -237,7 +241,9 @@ def finished_run(parent, name, model_file, status="finished"):
     folder = parent / name
     folder.mkdir(parents=True)
     (folder / "model.pt").write_bytes(open(model_file, "rb").read())
-    (folder / "run.json").write_text(json.dumps({"mode": "train", "status": status, "model": "CompactNet"}))
+    record = runs.new_record(str(folder), {**main_mnist.SETTINGS, "MODEL": "CompactNet"}, CompactNet(),
+                             torch.device("cpu"), False, [])
+    (folder / "run.json").write_text(json.dumps({**record, "status": status}))
     return folder
 
 

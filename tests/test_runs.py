@@ -14,10 +14,9 @@ import torch
 import main_mnist
 import runs
 import utils
-from conftest import REPO
 from model import MODELS
 from test_main import EXTENSIBLE, FAST, exit_message, read_metrics, run_script
-from test_utils import assert_png
+from conftest import REPO, assert_png
 
 
 @pytest.fixture
@@ -124,7 +123,7 @@ def test_a_second_process_on_a_locked_folder_stops_while_the_first_finishes(real
     assert second.returncode == 1 and "Traceback" not in second.stderr
     assert second.stderr.strip() == (f"error: {out_dir} is in use by another run (process {first.pid}): "
                                      f"wait for it to end, or choose another --out-dir")
-    resume = run_script("--resume", str(out_dir / "checkpoint.pt"), "--epochs", "50")  # a resume writes there too
+    resume = run_script("--resume", str(out_dir / "checkpoint.pt"), "--epochs", "50", "--dry-run")  # writes there too
     assert f"(process {first.pid})" in resume.stderr
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
@@ -276,7 +275,8 @@ def test_compare_marks_unfinished_runs_and_skips_folders_without_a_record(tiny_m
     capsys.readouterr()
     main_mnist.main(["--compare", *map(str, sorted((in_tmp / main_mnist.OUT_DIR).iterdir()))])
     out = capsys.readouterr().out
-    assert f"skipped {main_mnist.OUT_DIR}/notes: no readable run.json" in out.replace(str(in_tmp) + os.sep, "")
+    notes = os.path.join(main_mnist.OUT_DIR, "notes")
+    assert f"skipped {notes}: {os.path.join(notes, 'run.json')} does not exist" in out.replace(str(in_tmp) + os.sep, "")
     assert "stopped *" in out and "* unfinished" in out
     header, *rows = [line.split() for line in out.splitlines()[1:4]]
     # The settings that differ: the seed gets a column; EPOCHS shows in the one column of epochs done/planned
