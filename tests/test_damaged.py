@@ -5,7 +5,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import matplotlib.colors
 import pytest
@@ -274,13 +273,28 @@ def test_the_lock_never_writes_through_a_link_nor_over_a_file_it_did_not_make(ti
     assert (out_dir / ".lock").read_text() in ("the user's own words\n", "my notes, not a lock\n")
 
 
-def test_ctrl_c_while_the_libraries_load_prints_no_traceback(tmp_path):
-    process = subprocess.Popen([sys.executable, "main_mnist.py", "--out-dir", str(tmp_path / "exp")], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # torch takes seconds to import
+# torch made slow to import (3 s), so that the Ctrl-C below lands inside `import torch` whatever the machine.
+SLOW_TORCH = """
+import builtins, runpy, sys, time
+real_import = builtins.__import__
+def slow_import(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        print("importing torch", flush=True)
+        time.sleep(3)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = slow_import
+sys.argv = ["main_mnist.py", "--dry-run"]
+runpy.run_path("main_mnist.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_the_libraries_load_prints_no_traceback():
+    process = subprocess.Popen([sys.executable, "-c", SLOW_TORCH], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "importing torch"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode != 0 and "Traceback" not in stderr and "Stopped." in stderr
+    assert process.returncode != 0 and "Traceback" not in stderr and stderr.strip() == "Stopped."
 
 
 def test_an_older_step_schedule_that_counted_epochs_resumes_with_the_same_lrs():

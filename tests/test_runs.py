@@ -84,7 +84,8 @@ def test_record_says_what_the_run_was_and_how_it_went(tiny_mnist, tmp_path):
     last = read_metrics(out_dir, drop=())[-1]
     assert record["epochs_done"] == record["epochs_planned"] == 1
     assert record["final_test_acc"] == pytest.approx(float(last["test_acc"]), abs=1e-3)
-    assert record["best_epoch"] == 1 and record["seconds"] > 0 and record["started"] <= record["finished"]
+    assert record["best_epoch"] == 1 and record["started"] <= record["finished"]
+    assert record["seconds"] == pytest.approx(round(float(last["seconds"]), 1))  # the epoch's, which may be < 0.05 s
 
 
 def test_resume_continues_in_the_checkpoints_own_folder(tiny_mnist, tmp_path):
