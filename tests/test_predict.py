@@ -279,8 +279,8 @@ def test_images_of_every_pixel_format_are_read_as_their_greyscale_twin(mode, suf
         image = grey.convert(mode)
     path = tmp_path / f"seven.{suffix}"
     image.save(path)
-    with Image.open(path) as saved:
-        assert saved.mode == mode
+    with Image.open(path) as saved:  # a 16-bit grey PNG opens as I;16 in Pillow 12, as I (32-bit) in Pillow 10.1
+        assert saved.mode == mode or (mode == "I;16" and saved.mode == "I")
     grey.save(tmp_path / "grey.png")
     code, out, err = run_predict(capsys, path, tmp_path / "grey.png", "--checkpoint", trained_model,
                                  "--out", tmp_path / "p.png")
