@@ -9,7 +9,7 @@ import random
 import torch
 
 from model import MODELS
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, first_line
 
 # The files of a run folder. Any of RUN_FILES in a folder means a run wrote there, and no other run may.
 RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL = "run.json", "checkpoint.pt", "metrics.csv", "accuracy_loss.png", "model.pt"
@@ -197,9 +197,8 @@ def restore(checkpoint, model, optimizer, scheduler):
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"the checkpoint's weights do not fit {name} as model.py defines it now (changed since the "
-                        f"run began?): {first}") from None
+                        f"run began?): {first_line(error)}") from None
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         batches = getattr(scheduler, "step_size", None)  # StepLR: the batches between drops, as built now

@@ -470,13 +470,14 @@ def compare(folders, out_dir):
     differ = [name for name in all_settings[0] if name not in PLACES and name != "EPOCHS"
               and len({json.dumps(hp.get(name)) for hp in all_settings}) > 1]
     codes = [code_label(record.get("code")) for _, record, _ in runs]
+    code_differs = len(set(codes)) > 1
     rows = []
     for (folder, record, history), code in zip(runs, codes):
         status = run_status(folder, record)
         rows.append({
             "run": os.path.basename(os.path.normpath(folder)), "model": record["model"],
             **{name.lower(): record["hyperparameters"].get(name) for name in differ},
-            **({"code": code} if len(set(codes)) > 1 else {}),
+            **({"code": code} if code_differs else {}),
             "epochs": f"{record['epochs_done']}/{record['epochs_planned']}",
             "status": status + ("" if status == "finished" else " *"),
             "final_acc": _percent(record["final_test_acc"]), "best_acc": _percent(record["best_test_acc"]),
@@ -490,7 +491,7 @@ def compare(folders, out_dir):
     except BrokenPipeError:  # the reader stopped reading (`| head`): the files are still written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     csv_path, png_path = os.path.join(out_dir, COMPARISON_CSV), os.path.join(out_dir, COMPARISON_PNG)
-    shown = [name.lower() for name in differ] + (["code"] if len(set(codes)) > 1 else [])
+    shown = [name.lower() for name in differ] + (["code"] if code_differs else [])
     curves = [{"label": row["run"] + "".join(f", {name}={row[name]}" for name in shown), "history": history,
                "finished": record["status"] == "finished"} for row, (_, record, history) in zip(rows, runs)]
     try:

@@ -19,6 +19,12 @@ from tqdm import tqdm
 
 from augment import random_augment
 
+def first_line(error):
+    """The first line of an exception's message, or its type's name if it has none: what one-line messages quote."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class UserError(Exception):
     """A problem the person running the script can fix (a damaged data file, a bad checkpoint, ...).
 
@@ -234,8 +240,8 @@ def loss_function(model, images):
         with torch.inference_mode():
             output = model(images)
     except RuntimeError as error:  # a layer that does not fit the input, typically
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"the model's forward fails on a batch of shape {list(images.shape)}: {message}") from None
+        raise UserError(f"the model's forward fails on a batch of shape {list(images.shape)}: "
+                        f"{first_line(error)}") from None
     finally:
         model.train(was_training)
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != (len(images), CLASSES):
