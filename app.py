@@ -17,13 +17,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from gradio.components.image_editor import EditorDataBlobs  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
-from predict import CHECKPOINT_HELP, MAX_PIXELS, load_reader, open_image, too_large  # noqa: E402
-from images import mnist_batch, to_mnist  # noqa: E402
-from utils import UserError, pick_device  # noqa: E402
+from predict import CHECKPOINT_HELP, MAX_PIXELS, answer, classify, load_reader, open_image, too_large  # noqa: E402
+from images import to_mnist  # noqa: E402
+from hardware import pick_device  # noqa: E402
+from utils import UserError  # noqa: E402
 
 NOTHING_DRAWN = "Nothing drawn yet: draw a digit on the pad first."
 SHOWN_SCALE = 10  # the 28x28 image is shown 280x280, each pixel a sharp square rather than a browser-blurred one
@@ -66,7 +66,7 @@ def _measured_preprocess(pad, payload):
     return type(pad).preprocess(pad, payload)
 
 
-def read_drawing(model, device, drawing):
+def read_drawing(model, device, calibration, drawing):
     """(the top answers for gr.Label, the 28x28 image the model received, a one-line message) for the pad's value.
 
     The pad sends {"background", "layers", "composite"}; composite is the drawing as an RGBA array (black ink on
@@ -84,15 +84,19 @@ def read_drawing(model, device, drawing):
         digit = to_mnist(composite, name="the drawing")
     except UserError:  # a pad with no ink on it
         return None, None, NOTHING_DRAWN
-    with torch.inference_mode():
-        probs = model(mnist_batch(digit).to(device)).float().softmax(dim=1)[0].cpu()  # log-probabilities or scores
-    best = int(probs.argmax())
+    probs = classify(model, device, digit.unsqueeze(0), calibration)[0]
+    best = answer(probs, digit, calibration)
     shown = np.kron((digit.numpy() * 255).round().astype(np.uint8), np.ones((SHOWN_SCALE, SHOWN_SCALE), np.uint8))
-    return ({str(d): float(p) for d, p in enumerate(probs)}, shown,
-            f"Read as **{best}** ({100 * float(probs[best]):.1f}% sure).")
+    if best is None:
+        top = probs.topk(3)
+        message = ("**Not sure** this is a digit, or which. The likeliest: "
+                   + ", ".join(f"{int(d)} ({100 * float(p):.0f}%)" for p, d in zip(top.values, top.indices)) + ".")
+    else:
+        message = f"Read as **{best}** ({100 * float(probs[best]):.1f}% sure)."
+    return {str(d): float(p) for d, p in enumerate(probs)}, shown, message
 
 
-def build_page(model, device, model_name, checkpoint):
+def build_page(model, device, model_name, checkpoint, calibration):
     with gr.Blocks(title="MNIST digit reader", delete_cache=(CACHE_S, CACHE_S)) as page:
         run_file = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(checkpoint))),
                                 os.path.basename(checkpoint))  # the run's folder names the model; its path is long
@@ -110,7 +114,7 @@ def build_page(model, device, model_name, checkpoint):
                 answer = gr.Label(num_top_classes=3, label="Top 3", elem_id="answer")
                 received = gr.Image(label="What the model received (28x28, shown enlarged)", type="numpy",
                                     interactive=False, height=320, format="png", elem_id="received")
-        button.click(lambda drawing: read_drawing(model, device, drawing), inputs=pad,
+        button.click(lambda drawing: read_drawing(model, device, calibration, drawing), inputs=pad,
                      outputs=[answer, received, message], api_name="read_digit")
     return page
 
@@ -122,8 +126,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = pick_device()
-    model_name, model, checkpoint = load_reader(args.checkpoint, device)
-    page = build_page(model, device, model_name, checkpoint)
+    model_name, model, checkpoint, calibration = load_reader(args.checkpoint, device)
+    page = build_page(model, device, model_name, checkpoint, calibration)
     try:
         page.launch(server_name="127.0.0.1", server_port=args.port, show_error=True, max_file_size=MAX_UPLOAD_BYTES)
     except OSError:  # gradio's way of saying that the port is taken

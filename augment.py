@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _resample(images, theta, mode):
+def resample(images, theta, mode):
     """images [B, 1, H, W] sampled through the affine maps theta [B, 2, 3] (output to input coordinates, both in
     [-1, 1], about the centre), with zeros outside, as torchvision's affine transforms fill."""
     grid = F.affine_grid(theta, images.shape, align_corners=False)
@@ -18,10 +18,16 @@ def _resample(images, theta, mode):
 
 def zoom(images, crop, crop_size):
     """CenterCrop(crop_size) then Resize back (bilinear) on the images whose `crop` [B] is set: a zoom by
-    size / crop_size about the centre. The others pass unchanged (a zoom of 1 samples every pixel's centre)."""
-    theta = images.new_zeros(images.shape[0], 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = torch.where(crop, crop_size / images.shape[-1], 1.0).to(images.dtype)
-    return _resample(images, theta, "bilinear")
+    size / crop_size about the centre. The others pass unchanged, and are not resampled at all: with CROP_P 0.1,
+    nine images in ten."""
+    zoomed = images[crop]
+    if len(zoomed) == 0:  # (affine_grid refuses an empty batch)
+        return images
+    theta = zoomed.new_zeros(zoomed.shape[0], 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = crop_size / images.shape[-1]
+    images = images.clone()
+    images[crop] = resample(zoomed, theta, "bilinear")
+    return images
 
 
 def rotate(images, angles):
@@ -32,7 +38,7 @@ def rotate(images, angles):
     theta = images.new_zeros(images.shape[0], 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin, cos
-    return _resample(images, theta, "nearest")
+    return resample(images, theta, "nearest")
 
 
 def shift(images, offsets):
@@ -43,7 +49,7 @@ def shift(images, offsets):
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, 0, 2] = -2 * offsets[:, 0].to(images.dtype) / width  # a pixel is 2/width of the [-1, 1] span
     theta[:, 1, 2] = -2 * offsets[:, 1].to(images.dtype) / height
-    return _resample(images, theta, "nearest")
+    return resample(images, theta, "nearest")
 
 
 def random_augment(images, settings):

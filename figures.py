@@ -1,7 +1,8 @@
 """Every figure: the accuracy/loss curves of a run, the comparison of runs, the training samples, the LR range
-test, the confusion matrix, the misclassified digits and predict.py's predictions. Each is saved whole or not at
-all (utils.atomic_write), and returned as a matplotlib Figure for a notebook or a test to look at.
+test, the confusion matrix, the misclassified digits, predict.py's predictions, a model's robustness curves and
+its reliability diagram. Each is saved whole or not at all (utils.atomic_write).
 """
+import itertools
 import math
 import os
 
@@ -308,12 +309,14 @@ def plot_misclassified(images, probabilities, labels, path, count=25):
 
 SHOWN_SIZE = (256, 256)  # predict.py keeps each image this small once read, for predictions.png; not whole
 
-def plot_predictions(paths, images, digits, probabilities, path):
-    """A row per image: as given, as the model saw it (28x28, light on black), and its ten probabilities."""
+def plot_predictions(paths, images, digits, probabilities, path, answers, threshold):
+    """A row per image: as given, as the model saw it (28x28, light on black), and its ten probabilities, with the
+    confidence `threshold` below which the answer is "not sure". answers: predict.answer's, the digit or None for
+    "not sure" (the top 3 are named then)."""
     count = len(paths)
     fig = Figure(figsize=(9, 2.4 * count), layout="constrained")  # titles clear of the axes above
     axs = fig.subplots(count, 3, squeeze=False, width_ratios=[1, 1, 2])
-    for row, (name, image, digit, probs) in enumerate(zip(paths, images, digits, probabilities)):
+    for row, (name, image, digit, probs, sure) in enumerate(zip(paths, images, digits, probabilities, answers)):
         shown = image.convert("RGBA")
         shown.thumbnail(SHOWN_SIZE)  # a 12-megapixel photo is drawn as small as it is shown
         axs[row, 0].imshow(shown)
@@ -324,8 +327,62 @@ def plot_predictions(paths, images, digits, probabilities, path):
             ax.set_xticks([])
             ax.set_yticks([])
         best = int(probs.argmax())
-        axs[row, 2].bar(range(10), probs.numpy(), color=["tab:blue" if d == best else "tab:gray" for d in range(10)])
+        sure = sure is not None
+        axs[row, 2].bar(range(10), probs.numpy(),
+                        color=["tab:blue" if d == best and sure else "tab:gray" for d in range(10)])
+        axs[row, 2].axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
         axs[row, 2].set_xticks(range(10))
         axs[row, 2].set_ylim(0, 1)
-        axs[row, 2].set_title(f"read as {best} ({100 * float(probs[best]):.1f}%)", fontsize=9)
+        top = probs.topk(3)
+        axs[row, 2].set_title(f"read as {best} ({100 * float(probs[best]):.1f}%)" if sure else
+                              "not sure: " + ", ".join(f"{int(d)} {100 * float(p):.0f}%"
+                                                       for p, d in zip(top.values, top.indices)), fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_robustness(runs, path, images):
+    """A panel per family of robustness.FAMILIES: test accuracy (%) against the shift's strength, a line per run.
+    runs: {label: {family: [(strength, accuracy), ...]}}; `images`: how many test images each point is measured
+    on, for the title, if known."""
+    families = list(next(iter(runs.values())))
+    columns = 4
+    fig = Figure(figsize=(4 * columns, 3.4 * math.ceil(len(families) / columns)))
+    axes = fig.subplots(math.ceil(len(families) / columns), columns, squeeze=False).flatten()
+    colors = colormaps["tab10"].colors
+    for ax, family in zip(axes, families):
+        for color, (label, curves) in zip(itertools.cycle(colors), runs.items()):
+            strengths, accuracies = zip(*curves.get(family, []) or [(None, None)])
+            if strengths[0] is not None:
+                ax.plot(strengths, accuracies, marker="o", markersize=3, color=color, label=label)
+        ax.set_title(family)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(families):]:
+        ax.axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+    per_point = f"{images:,} test images per point; " if images else ""
+    fig.suptitle(f"Accuracy under shifts of the test images ({per_point}chance is 10%)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_reliability(before, after, path, ece_before, ece_after, temperature):
+    """The reliability diagram: per confidence bin, accuracy against mean confidence, before and after temperature
+    scaling (bins as robustness.reliability gives them), with the diagonal a calibrated model would follow."""
+    fig = Figure(figsize=(6, 5.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for rows, label, color in ((before, f"as trained: ECE {100 * ece_before:.2f}%", "tab:red"),
+                               (after, f"temperature {temperature:.2f}: ECE {100 * ece_after:.2f}%", "tab:blue")):
+        points = [row for row in rows if row is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=label)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy in that confidence bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    ax.set_title("Reliability on the test set (ECE: each half scored with the other half's fit)", fontsize=10)
     save_figure(fig, path)

@@ -18,12 +18,15 @@ import torch.nn.functional as F
 import torch.optim as optim
 
 import records
+import robustness
 import runs
 import settings
-from figures import data_visualization, plot_confusion_matrix, plot_lr_finder, plot_misclassified
+from figures import (data_visualization, plot_confusion_matrix, plot_lr_finder, plot_misclassified, plot_reliability,
+                     plot_robustness)
+from hardware import LAYOUTS, choose_layout, device_name, pick_device, precision_name, use_bfloat16
 from model import MODELS
-from utils import (UserError, NonFiniteLoss, pick_device, use_bfloat16, get_trainloader, get_testloader, describe_data,
-                   loss_function, train, test, predict, confusion_matrix, per_class_accuracy, model_summary, find_lr)
+from utils import (UserError, NonFiniteLoss, get_trainloader, get_testloader, describe_data, loss_function, train, test,
+                   predict, confusion_matrix, per_class_accuracy, model_summary, find_lr)
 
 # ---- Hyperparameters: the original's recipe. Edit them here, or override any with its flag (see --help). ----
 # A run uses this block as it is, except: --model NAME applies that model's recipe (RECIPES below) over the block,
@@ -42,8 +45,9 @@ ROTATION = 15.0          # augmentation: each training image turns by a random a
 CROP_P = 0.1             # augmentation: probability of a centre crop to CROP_SIZE, resized back to 28 (0: off)
 CROP_SIZE = 22           # augmentation: side of that centre crop, in pixels
 SHIFT = 0                # augmentation: each training image moves by up to SHIFT whole pixels across and down (0: off)
-TEST_BATCH_SIZE = 2048   # test images per batch: no activations are kept for backward, so large is cheap
+TEST_BATCH_SIZE = 512    # test images per batch (as the original); larger was slower on a CPU, its cache overflowing
 AMP = True               # bfloat16 autocast where the device runs it natively: CUDA, CPUs with AVX512-BF16 or AMX
+LAYOUT = "auto"          # memory layout: channels_last, contiguous, or auto: the faster here, timed once (hardware.py)
 SEED = 1                 # random seed; the same seed gives the same metrics on a CPU
 DATA_DIR = "data"        # MNIST is read from DATA_DIR/MNIST/raw, downloaded there if missing
 OUT_DIR = "outputs"      # each run gets a new folder OUT_DIR/<date>_<time>_<model>; --out-dir DIR names it exactly
@@ -88,19 +92,19 @@ def train_run(args, device):
         folder = os.path.dirname(os.path.abspath(args.resume))
         runs.lock_folder(folder)
     print(f"Run folder: {folder}")
+    amp = choose_precision_and_layout(hp, device, folder, timing=not args.dry_run)
     torch.manual_seed(hp["SEED"])
     random.seed(hp["SEED"])
-    amp = use_bfloat16(device, hp["AMP"])
-    print(f"Device: {device}; mixed precision: {'bfloat16' if amp else 'off (float32)'}")
 
     # Data: MNIST as tensors on the device, augmented per batch with the block's settings (augment.py)
     max_batches = 1 if args.dry_run else None
-    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, max_batches, augmentation=hp)
-    test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, max_batches)
+    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, max_batches, augmentation=hp,
+                                   layout=hp["LAYOUT"])
+    test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, max_batches, layout=hp["LAYOUT"])
     print(describe_data(train_loader.images, test_loader.images))
 
     # Model, its summary, the loss that fits its output, the optimizer and the learning-rate schedule
-    model = MODELS[hp["MODEL"]]().to(device, memory_format=torch.channels_last)
+    model = MODELS[hp["MODEL"]]().to(device, memory_format=LAYOUTS[hp["LAYOUT"]])
     model_summary(model)
     criterion = loss_function(model, test_loader.sample())
     print(f"Loss: F.{criterion.__name__} (the model returns "
@@ -136,20 +140,63 @@ def train_run(args, device):
         runs.save_model(folder, record, model)
         print(f"Final test accuracy {record['final_test_acc']:.2f}% (best {record['best_test_acc']:.2f}% at epoch "
               f"{record['best_epoch']}); {record['seconds']:.0f} s of training and test")
-        report_test_set(model, device, test_loader, amp, folder)
-    print("Saved: " + ", ".join(os.path.join(folder, name) for name in records.RUN_FILES if name != records.LR_PLOT))
+        record["calibration"] = report_test_set(model, device, test_loader, amp, folder)
+        runs.save_record(folder, record)
+    print("Saved: " + ", ".join(os.path.join(folder, name) for name in records.RUN_FILES
+                                if os.path.exists(os.path.join(folder, name))))
     print(f"Run folder: {folder} (compare runs with: python3 main_mnist.py --compare)")
 
 
+def choose_precision_and_layout(hp, device, folder, timing):
+    """The run's precision (`amp`, returned) and memory layout, chosen for this machine by hardware.py and printed
+    once. The layout chosen replaces "auto" in hp, so run.json and the checkpoint record it: a resumed run keeps it."""
+    amp = use_bfloat16(device, hp["AMP"])
+    hp["LAYOUT"], why = choose_layout(hp["LAYOUT"], hp["MODEL"], MODELS[hp["MODEL"]], hp["BATCH_SIZE"], device,
+                                      amp, folder, timing)
+    unused = " (AMP is on, but bfloat16 is not native here)" if hp["AMP"] and not amp else ""
+    print(f"Device: {device_name(device)}; precision: {precision_name(amp)}{unused}\n"
+          f"Layout: {hp['LAYOUT']} ({why})")
+    return amp
+
+
 def report_test_set(model, device, test_loader, amp, folder):
-    """Per-class accuracy on the console; the misclassified grid and the confusion matrix as figures."""
-    probabilities, labels = predict(model, device, test_loader, amp)
+    """Per-class accuracy and the calibration on the console; the misclassified grid, the confusion matrix and the
+    reliability diagram as figures. Returns the calibration (robustness.calibrate) for run.json."""
+    log_probabilities, labels = predict(model, device, test_loader, amp)
+    probabilities = log_probabilities.exp()
     matrix = confusion_matrix(probabilities.argmax(dim=1), labels)
     accuracies = per_class_accuracy(matrix)
     print("Per-class test accuracy: " + "  ".join(f"{digit}: {acc:.2f}%" for digit, acc in enumerate(accuracies)))
+    calibration = robustness.calibrate(log_probabilities, labels)
+    print(f"Calibration: expected calibration error {100 * calibration['ece_before']:.2f}% as trained, "
+          f"{100 * calibration['ece_after']:.2f}% at temperature {calibration['temperature']:.2f}; \"not sure\" "
+          f"below {100 * calibration['threshold']:.1f}% confidence, which answers "
+          f"{100 * calibration['answered']:.1f}% of the test digits, {100 * calibration['answered_error']:.2f}% "
+          f"of them wrongly (each half of the test set scored with the other half's fit)")
+    scaled = (log_probabilities / calibration["temperature"]).softmax(dim=1)
     with runs.uninterrupted():
         plot_misclassified(test_loader.images, probabilities, labels, os.path.join(folder, records.MISCLASSIFIED))
         plot_confusion_matrix(matrix, os.path.join(folder, records.CONFUSION))
+        plot_reliability(robustness.reliability(probabilities, labels), robustness.reliability(scaled, labels),
+                         os.path.join(folder, records.RELIABILITY), calibration["ece_before"],
+                         calibration["ece_after"], calibration["temperature"])
+    return calibration
+
+
+def report_robustness(model, device, test_loader, amp, folder, record, dry_run):
+    """The model's accuracy under each family of shifts (robustness.py) on the first test images (100 in a dry
+    run): robustness.csv, robustness.png, and their mean in run.json."""
+    curves, images = robustness.robustness_curves(model, device, test_loader.images, test_loader.labels, amp,
+                                                  count=100 if dry_run else robustness.ROBUSTNESS_IMAGES)
+    mean = robustness.mean_accuracy(curves)
+    record.update(robustness_mean=mean, robustness_images=images)
+    with runs.uninterrupted():
+        records.write_robustness(os.path.join(folder, records.ROBUSTNESS_CSV), curves, images)
+        plot_robustness({f"{os.path.basename(folder)}: {record['model']}": curves},
+                        os.path.join(folder, records.ROBUSTNESS_PLOT), images)
+    print(f"Robustness: accuracy {mean:.1f}% under shifts, the mean over {len(curves)} families of "
+          f"{images:,} shifted test images (a point's standard error is at most "
+          f"{robustness.standard_error(50, images):.1f} points); each family's curve in {records.ROBUSTNESS_CSV}")
 
 
 def evaluate_only(args, device):
@@ -161,15 +208,17 @@ def evaluate_only(args, device):
     model_name, model = records.load_model(args.checkpoint, device, hp["MODEL"] if hasattr(args, "MODEL") else None)
     hp["MODEL"] = model_name
     folder = runs.open_run_folder(args, hp, kind="eval")
-    amp = use_bfloat16(device, hp["AMP"])
+    amp = choose_precision_and_layout(hp, device, folder, timing=False)  # a test pass is too short to gain from it
+    model.to(memory_format=LAYOUTS[hp["LAYOUT"]])
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device,
-                                 max_batches=1 if args.dry_run else None)
+                                 max_batches=1 if args.dry_run else None, layout=hp["LAYOUT"])
     print(f"Evaluating {model_name} from {args.checkpoint} on {device}; figures go to {folder}")
     record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="eval-only")
     criterion = loss_function(model, test_loader.sample())
     record.update(checkpoint=os.path.abspath(args.checkpoint), epochs_planned=0, loss=criterion.__name__)
     _, record["final_test_acc"] = test(model, device, test_loader, criterion, amp)
-    report_test_set(model, device, test_loader, amp, folder)
+    record["calibration"] = report_test_set(model, device, test_loader, amp, folder)
+    report_robustness(model, device, test_loader, amp, folder, record, args.dry_run)
     record["status"] = "finished"
     runs.save_record(folder, record)
 
@@ -181,10 +230,10 @@ def find_learning_rate(args, device):
     settings.print_settings(hp, args, SETTINGS, RECIPES)
     folder = runs.open_run_folder(args, hp, kind="find-lr")
     print(f"Run folder: {folder}")
+    amp = choose_precision_and_layout(hp, device, folder, timing=not args.dry_run)
     torch.manual_seed(hp["SEED"])
-    amp = use_bfloat16(device, hp["AMP"])
-    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, augmentation=hp)
-    model = MODELS[hp["MODEL"]]().to(device, memory_format=torch.channels_last)
+    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, augmentation=hp, layout=hp["LAYOUT"])
+    model = MODELS[hp["MODEL"]]().to(device, memory_format=LAYOUTS[hp["LAYOUT"]])
     criterion = loss_function(model, train_loader.sample())
     record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="find-lr")
     steps = 20 if args.dry_run else 100

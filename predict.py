@@ -20,8 +20,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import records
 from figures import SHOWN_SIZE, plot_predictions
 from images import mnist_batch, to_mnist
+from robustness import LEAST_SOLID_INK, solid_ink_share
 from main_mnist import OUT_DIR
-from utils import UserError, pick_device
+from hardware import pick_device
+from utils import UserError
 
 MAX_SHOWN = 20  # images drawn in predictions.png; a taller figure would be too long to read
 # The most pixels an image may have, checked in the file's header before anything is decoded, by predict.py and
@@ -30,6 +32,10 @@ MAX_SHOWN = 20  # images drawn in predictions.png; a taller figure would be too 
 # grey levels as float32): about 0.6 GB at this cap, on top of the 0.85 GB that predict.py takes with any image.
 # A phone's photo is still read whole: 12 to 50 megapixels, and 64 on a few (9248x6936 is 64.1).
 MAX_PIXELS = 65_000_000
+
+# For a model without a calibration (a plain state_dict, or a run from before it): temperature 1, and "not sure"
+# below this confidence. Not chosen on data; main_mnist.py chooses a run's own threshold on the test set.
+UNCALIBRATED = {"temperature": 1.0, "threshold": 0.9}
 
 
 def default_checkpoint(parent=OUT_DIR):
@@ -46,15 +52,23 @@ CHECKPOINT_HELP = f"a model.pt or checkpoint.pt (default: the model.pt of the ne
 
 
 def load_reader(checkpoint, device):
-    """(model name, model, its file) from --checkpoint, or from the newest finished run; one line and exit if
-    neither can be loaded. Says which model it is."""
+    """(model name, model, its file, its calibration) from --checkpoint, or from the newest finished run; one line
+    and exit if neither can be loaded. Says which model it is, and how sure it must be to answer."""
     try:
         path = checkpoint or default_checkpoint()
         name, model = records.load_model(path, device)
     except UserError as error:
         sys.exit(f"error: {error}")
     print(f"Model: {name} from {path}" + ("" if checkpoint else " (the newest finished run)"))
-    return name, model, path
+    calibration = records.calibration_of(path)
+    if calibration:
+        print(f"Calibration of its run: temperature {calibration['temperature']:.2f}; \"not sure\" below "
+              f"{100 * calibration['threshold']:.1f}% confidence")
+    else:
+        calibration = UNCALIBRATED
+        print(f"Note: no calibration in a {records.RECORD} beside it: temperature 1, \"not sure\" below "
+              f"{100 * calibration['threshold']:.0f}% confidence")
+    return name, model, path, calibration
 
 
 def too_large(name, width, height, size=None):
@@ -104,16 +118,27 @@ def read_image(path):
     return shown, digit
 
 
-def classify(model, device, digits):
-    """Probabilities [N, 10] of the 28x28 images `digits` [N, 28, 28]."""
+def classify(model, device, digits, calibration):
+    """Probabilities [N, 10] of the 28x28 images `digits` [N, 28, 28], at the calibration's temperature."""
     with torch.inference_mode():
-        return model(mnist_batch(digits).to(device)).float().softmax(dim=1).cpu()  # log-probabilities or scores
+        scores = model(mnist_batch(digits).to(device)).float().cpu()  # log-probabilities or raw scores
+    return (scores.log_softmax(dim=1) / calibration["temperature"]).softmax(dim=1)
 
 
-def top3_line(path, probs):
+def answer(probs, digit, calibration):
+    """The digit read from one image's probabilities, or None: "not sure". Not sure below the calibration's
+    confidence threshold, and not sure of an image (the 28x28 `digit`) whose ink is not strokes as MNIST's are
+    (robustness.LEAST_SOLID_INK), such as noise, which a model may still read at 100%."""
+    confidence, best = probs.max(dim=0)
+    sure = float(confidence) >= calibration["threshold"] and float(solid_ink_share(digit)) >= LEAST_SOLID_INK
+    return int(best) if sure else None
+
+
+def top3_line(path, probs, digit, calibration):
     top = probs.topk(3)
     answers = "  ".join(f"{int(d)} {100 * float(p):.1f}%" for p, d in zip(top.values, top.indices))
-    return f"{path}: {int(top.indices[0])}   top 3: {answers}"
+    best = answer(probs, digit, calibration)
+    return f"{path}: {'not sure' if best is None else best}   top 3: {answers}"
 
 
 def main(argv=None):
@@ -125,7 +150,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = pick_device()
-    _, model, _ = load_reader(args.checkpoint, device)
+    _, model, _, calibration = load_reader(args.checkpoint, device)
 
     # Each image on its own: one that cannot be read is named on stderr, and the others are still read.
     read, failed = [], 0
@@ -142,12 +167,14 @@ def main(argv=None):
             failed += 1
     if read:
         paths, images, digits = zip(*read)
-        probabilities = classify(model, device, torch.stack(digits))
-        for path, probs in zip(paths, probabilities):
-            print(top3_line(path, probs))
+        probabilities = classify(model, device, torch.stack(digits), calibration)
+        for path, probs, digit in zip(paths, probabilities, digits):
+            print(top3_line(path, probs, digit, calibration))
         shown = min(len(paths), MAX_SHOWN)
         try:
-            plot_predictions(paths[:shown], images[:shown], digits[:shown], probabilities[:shown], args.out)
+            plot_predictions(paths[:shown], images[:shown], digits[:shown], probabilities[:shown], args.out,
+                             [answer(p, d, calibration) for p, d in zip(probabilities[:shown], digits[:shown])],
+                             calibration["threshold"])
         except OSError as error:
             print(f"error: cannot write {args.out}: {error.strerror}", file=sys.stderr)
             return 1

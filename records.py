@@ -2,13 +2,16 @@
 this version, an older one, or a hand's edit), the random states of an exact resume, and a saved model loaded.
 """
 import csv
+import io
 import json
+import math
 import os
 import random
 
 import torch
 
 from model import MODELS
+from robustness import standard_error
 from utils import UserError, atomic_write, first_line
 
 # The files of a run folder. Any of RUN_FILES in a folder means a run wrote there, and no other run may.
@@ -18,7 +21,11 @@ RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL = "run.json", "checkpoint.pt", "m
 SAMPLES, MISCLASSIFIED, CONFUSION, LR_PLOT = "samples.png", "misclassified.png", "confusion_matrix.png", "lr_finder.png"
 
 
-RUN_FILES = (RECORD, SAMPLES, CHECKPOINT, METRICS, PLOT, FINAL_MODEL, MISCLASSIFIED, CONFUSION, LR_PLOT)
+RELIABILITY, ROBUSTNESS_CSV, ROBUSTNESS_PLOT = "reliability.png", "robustness.csv", "robustness.png"
+
+
+RUN_FILES = (RECORD, SAMPLES, CHECKPOINT, METRICS, PLOT, FINAL_MODEL, MISCLASSIFIED, CONFUSION, RELIABILITY,
+             ROBUSTNESS_CSV, ROBUSTNESS_PLOT, LR_PLOT)
 
 
 METRICS_HEADER = "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds"
@@ -261,6 +268,58 @@ def _fits(model, state_dict):
         return True
     except RuntimeError:
         return False
+
+
+ROBUSTNESS_HEADER = "family,strength,accuracy,standard_error"
+
+
+def write_robustness(path, curves, images):
+    """robustness.csv: a row per family and strength, with the accuracy (%) and its standard error on `images`."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(ROBUSTNESS_HEADER.split(","))
+    writer.writerows([family, strength, f"{accuracy:.2f}", f"{standard_error(accuracy, images):.2f}"]
+                     for family, points in curves.items() for strength, accuracy in points)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def read_robustness(folder):
+    """The curves of `folder`'s robustness.csv, {family: [(strength, accuracy), ...]}; None if it has none, or
+    one this version cannot read (it is then left out of a comparison, and said so)."""
+    path = os.path.join(folder, ROBUSTNESS_CSV)
+    curves = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != ROBUSTNESS_HEADER.split(","):
+                raise ValueError("not its columns")
+            for row in reader:
+                strength, accuracy = float(row["strength"]), float(row["accuracy"])
+                if not (math.isfinite(strength) and 0 <= accuracy <= 100):
+                    raise ValueError(f"a value out of range in {row}")
+                curves.setdefault(row["family"], []).append((strength, accuracy))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, csv.Error) as error:
+        print(f"Note: {path} is left out: it cannot be read ({error})")
+        return None
+    return curves or None
+
+
+def calibration_of(model_path):
+    """The temperature and "not sure" threshold a training run fitted for its model (run.json's calibration,
+    beside `model_path`), or None: a plain state_dict, a run from before calibration, a damaged record."""
+    try:
+        calibration = read_record(os.path.dirname(os.path.abspath(model_path))).get("calibration")
+    except UserError:
+        return None
+    if not isinstance(calibration, dict):
+        return None
+    temperature, threshold = calibration.get("temperature"), calibration.get("threshold")
+    if (isinstance(temperature, (int, float)) and isinstance(threshold, (int, float)) and 0 < temperature < 1e3
+            and 0 <= threshold <= 1):
+        return {"temperature": float(temperature), "threshold": float(threshold)}
+    return None
 
 
 def latest_finished_run(parent):

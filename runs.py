@@ -28,9 +28,10 @@ except ImportError:
 import torch
 import torchvision
 
-from figures import plot_comparison, plot_metrics
+from figures import plot_comparison, plot_metrics, plot_robustness
+from hardware import device_name, precision_name
 from records import (CHECKPOINT, FINAL_MODEL, METRICS, PLOT, RECORD, RUN_FILES, TEXT, best_epoch, check_fields,
-                     load_checkpoint, read_history, read_record, rng_states, write_metrics)
+                     load_checkpoint, read_history, read_record, read_robustness, rng_states, write_metrics)
 from settings import resume_command
 from utils import NonFiniteLoss, UserError, atomic_write
 
@@ -38,6 +39,7 @@ LOCK = ".lock"
 
 
 COMPARISON_PNG, COMPARISON_CSV = "comparison.png", "comparison.csv"
+ROBUSTNESS_COMPARISON = "robustness_comparison.png"  # the robustness curves of the evaluations among them
 
 
 # Settings that say where things are rather than how the model trains; --compare does not list them.
@@ -200,22 +202,6 @@ def open_run_folder(args, hp, kind=""):
 # ---------------------------------------------------------------------------------------------------------------
 # run.json: what a person reads to know what a run was and how it went. Rewritten whole at every change.
 
-def device_name(device):
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({_processor()}, {torch.get_num_threads()} threads)"
-
-
-def _processor():
-    """The CPU's model name where Linux tells it (platform.processor() is often empty there)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return names[0]
-    except (OSError, IndexError):
-        return platform.processor() or platform.machine()
-
-
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -273,7 +259,7 @@ def new_record(folder, hp, model, device, amp, argv, mode="train"):
         "hyperparameters": hp, "dry_run": False,
         "command": shlex.join(["python3", "main_mnist.py", *argv]), "code": code_version(),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-        "device": device_name(device), "precision": "bfloat16 autocast" if amp else "float32",
+        "device": device_name(device), "precision": precision_name(amp),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "epochs_done": 0, "epochs_planned": hp["EPOCHS"],
         "final_test_acc": None, "best_test_acc": None, "best_epoch": None, "seconds": 0.0,
@@ -449,21 +435,31 @@ def run_status(folder, record):
 
 def compare(folders, out_dir):
     """Prints a table of the runs in `folders` (default: every run in out_dir) and writes comparison.png and
-    comparison.csv into out_dir. A folder whose files cannot be read is skipped with a line that says why; the
-    others are still compared. Returns the rows of the table."""
+    comparison.csv into out_dir; the robustness curves of the evaluations (--eval-only) among them go on one
+    figure, robustness_comparison.png. A folder whose files cannot be read is skipped with a line that says why;
+    the others are still compared. Returns the rows of the table."""
     folders = folders or run_folders(out_dir)
-    runs = []
+    runs, robustness = [], {}
     for folder in folders:
         try:
             record = read_record(folder)
+            curves = read_robustness(folder) if record["mode"] == "eval-only" else None
+            if curves:
+                trained = os.path.basename(os.path.dirname(os.path.abspath(str(record.get("checkpoint", folder)))))
+                robustness[f"{trained} ({record['model']})"] = curves
             if record["mode"] != "train":
-                print(f"skipped {folder}: {record['mode']}, not a training run")
+                print(f"{folder}: an evaluation; its robustness curves are drawn" if curves else
+                      f"skipped {folder}: {record['mode']}, not a training run")
                 continue
             check_fields(record["hyperparameters"], {"MODEL": TEXT}, os.path.join(folder, RECORD))
             runs.append((folder, record, read_history(folder)))
         except UserError as error:
             print(f"skipped {folder}: {error}")
+    if robustness:
+        compare_robustness(robustness, out_dir)
     if not runs:
+        if robustness:
+            return []
         raise UserError(f"no runs to compare in {', '.join(folders) if folders else out_dir}")
     all_settings = [record["hyperparameters"] for _, record, _ in runs]
     # Settings that differ get a column each; EPOCHS has one anyway ("epochs": done/planned).
@@ -507,6 +503,17 @@ def compare(folders, out_dir):
                         f"is complete; to save it, choose a folder you can write with --out-dir DIR") from None
     print(f"Saved: {png_path + ', ' if png_path else ''}{csv_path}")
     return rows
+
+
+def compare_robustness(curves, out_dir):
+    """The robustness curves {label: curves} of several evaluations on one figure, in out_dir."""
+    path = os.path.join(out_dir, ROBUSTNESS_COMPARISON)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        plot_robustness(curves, path, images=None)
+    except OSError as error:
+        raise UserError(f"could not write {error.filename or path}: {error.strerror or error}") from None
+    print(f"Saved: {path} (the robustness curves of {len(curves)} evaluated models)")
 
 
 def _percent(value):

@@ -9,11 +9,15 @@ import sys
 import textwrap
 import tokenize
 
+from hardware import LAYOUT_CHOICES
 from model import MODELS
 from utils import UserError
 
 # The valid choices of the settings that have a fixed list of them; --help shows them, check_settings enforces them.
-CHOICES = {"MODEL": list(MODELS), "SCHEDULE": ["step", "onecycle"]}
+CHOICES = {"MODEL": list(MODELS), "SCHEDULE": ["step", "onecycle"], "LAYOUT": LAYOUT_CHOICES}
+
+# What a run started before a setting existed used, where that differs from what the block now says by default.
+BEFORE_THE_SETTING = {"LAYOUT": "channels_last"}
 
 
 # What may change when a run resumes: the optimizer and the schedule come back from the checkpoint as they were.
@@ -133,6 +137,7 @@ def check_settings(hp):
     rules = [
         ("MODEL", hp["MODEL"] in CHOICES["MODEL"], f"must be one of {', '.join(CHOICES['MODEL'])}"),
         ("SCHEDULE", hp["SCHEDULE"] in CHOICES["SCHEDULE"], f"must be one of {', '.join(CHOICES['SCHEDULE'])}"),
+        ("LAYOUT", hp["LAYOUT"] in CHOICES["LAYOUT"], f"must be one of {', '.join(CHOICES['LAYOUT'])}"),
         ("EPOCHS", whole("EPOCHS", 1), "must be a whole number, at least 1"),
         ("BATCH_SIZE", whole("BATCH_SIZE", 1), "must be a whole number, at least 1"),
         ("TEST_BATCH_SIZE", whole("TEST_BATCH_SIZE", 1), "must be a whole number, at least 1"),
@@ -170,10 +175,10 @@ def resumed_settings(args, defaults, checkpoint):
     if started_dry != args.dry_run:
         raise UserError(f"this run was started {'with' if started_dry else 'without'} --dry-run, and goes on so: "
                         f"{resume_command(args.resume, started_dry)}")
-    predates = [name for name in defaults if name not in saved]  # added to the block after the run began
-    if predates:
+    predates = [name for name in defaults if name not in saved and name not in BEFORE_THE_SETTING]
+    if predates:  # added to the block after the run began
         print(f"Note: {args.resume} predates the settings {', '.join(predates)}: the block's values are used")
-    hp = {**defaults, **saved, **given}
+    hp = {**defaults, **BEFORE_THE_SETTING, **saved, **given}
     check_settings(hp)
     if hp["EPOCHS"] <= checkpoint["epoch"]:
         raise UserError(f"{args.resume} ends at epoch {checkpoint['epoch']}, so there is nothing left to train: "

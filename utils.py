@@ -1,6 +1,7 @@
 """The original's functions (get_trainloader, get_testloader, GetCorrectPredCount, train, test, model_summary)
-with the rest of data and training: MNIST as tensors on the device, the precision, the loss that fits a model's
-output, the LR range test, and atomic_write, by which every file is written whole.
+with the rest of data and training: MNIST as tensors on the device, the loss that fits a model's output, the LR
+range test, and atomic_write, by which every file is written whole. (hardware.py chooses the device, the precision
+and the memory layout these run in.)
 """
 import contextlib
 import copy
@@ -18,6 +19,7 @@ from torchvision import datasets
 from tqdm import tqdm
 
 from augment import random_augment
+from hardware import LAYOUTS, autocast
 
 def first_line(error):
     """The first line of an exception's message, or its type's name if it has none: what one-line messages quote."""
@@ -141,10 +143,12 @@ class MnistBatches:
     It stands in for a DataLoader: len() is the number of batches, and each pass over it (an epoch) draws a new
     order and new augmentations. No worker processes and no host-to-device copies: MNIST is 55 MB as uint8."""
 
-    def __init__(self, images, labels, batch_size, shuffle=False, augmentation=None, max_batches=None):
+    def __init__(self, images, labels, batch_size, shuffle=False, augmentation=None, max_batches=None,
+                 layout="channels_last"):
         self.images, self.labels = images, labels  # uint8 [N, 28, 28] and int64 [N], on the same device
         self.batch_size, self.shuffle, self.max_batches = batch_size, shuffle, max_batches
         self.augmentation = augmentation  # the settings random_augment() reads (ROTATION, ...), or None: none
+        self.layout = layout  # the memory layout of the batches (hardware.LAYOUTS), the model's
 
     def sample(self, count=8):
         """The first `count` images, normalized but neither shuffled nor augmented: a batch to check a model on,
@@ -152,7 +156,7 @@ class MnistBatches:
         return self._normalize(self.images[:count].unsqueeze(1).float().div_(255))
 
     def _normalize(self, images):
-        return images.sub_(MNIST_MEAN).div_(MNIST_STD).contiguous(memory_format=torch.channels_last)
+        return images.sub_(MNIST_MEAN).div_(MNIST_STD).contiguous(memory_format=LAYOUTS[self.layout])
 
     def __len__(self):
         batches = math.ceil(len(self.labels) / self.batch_size)
@@ -168,57 +172,22 @@ class MnistBatches:
             yield self._normalize(images), self.labels[index]
 
 
-def get_trainloader(data_dir, batch_size, device="cpu", max_batches=None, augmentation=None):
-    """The training set, shuffled anew each epoch, as batches on `device`; augmented anew each epoch too where
-    `augmentation` gives the settings of augment.random_augment (main_mnist.py passes its settings)."""
+def get_trainloader(data_dir, batch_size, device="cpu", max_batches=None, augmentation=None, layout="channels_last"):
+    """The training set, shuffled anew each epoch, as batches on `device` in `layout`; augmented anew each epoch
+    too where `augmentation` gives the settings of augment.random_augment (main_mnist.py passes its settings)."""
     images, labels = load_mnist(data_dir, train=True)
     return MnistBatches(images.to(device), labels.to(device), batch_size, shuffle=True, augmentation=augmentation,
-                        max_batches=max_batches)
+                        max_batches=max_batches, layout=layout)
 
 
-def get_testloader(data_dir, batch_size, device="cpu", max_batches=None):
-    """The test set in its fixed order, normalized only, as batches on `device`."""
+def get_testloader(data_dir, batch_size, device="cpu", max_batches=None, layout="channels_last"):
+    """The test set in its fixed order, normalized only, as batches on `device` in `layout`."""
     images, labels = load_mnist(data_dir, train=False)
-    return MnistBatches(images.to(device), labels.to(device), batch_size, max_batches=max_batches)
+    return MnistBatches(images.to(device), labels.to(device), batch_size, max_batches=max_batches, layout=layout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training and evaluation
-
-def pick_device():
-    """CUDA if there is a GPU, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def bfloat16_is_fast(device):
-    """Whether bfloat16 autocast speeds this device up: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX.
-
-    Elsewhere (older CPUs, MPS) bf16 would be emulated or untested, so training stays in float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return any(getattr(torch.cpu, name, lambda: False)()
-                   for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
-
-
-def use_bfloat16(device, amp_setting):
-    """The run's precision, decided once and passed down as `amp`: bfloat16 autocast where the AMP setting asks
-    for it and the device runs it natively (bfloat16_is_fast), else float32."""
-    return bool(amp_setting) and bfloat16_is_fast(device)
-
-
-def autocast(device, amp):
-    """bfloat16 autocast for the forward pass if `amp` (use_bfloat16's answer), else float32 as it is.
-
-    bfloat16 has float32's range, so no loss scaling is needed."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
-
 
 class NonFiniteLoss(ArithmeticError):
     """The training loss became NaN or infinite: the weights are garbage from here on."""
@@ -320,15 +289,16 @@ def test(model, device, test_loader, criterion, amp=False, verbose=True):
 
 
 def predict(model, device, loader, amp=False):
-    """(probabilities, true labels) for every sample of `loader`, in its order, as CPU tensors:
-    float32 [N, 10], the softmax of the model's output, and int64 [N]."""
+    """(log-probabilities, true labels) for every sample of `loader`, in its order, as CPU tensors: float32
+    [N, 10], the log_softmax of the model's output (.exp() gives the probabilities; kept as logarithms, so that
+    a temperature can be fitted to them without underflow), and int64 [N]."""
     model.eval()
-    probabilities, labels = [], []
+    log_probabilities, labels = [], []
     with torch.inference_mode(), autocast(device, amp):
         for data, target in loader:
-            probabilities.append(model(data.to(device)).float().softmax(dim=1).cpu())
+            log_probabilities.append(model(data.to(device)).float().log_softmax(dim=1).cpu())
             labels.append(target.cpu())
-    return torch.cat(probabilities), torch.cat(labels)
+    return torch.cat(log_probabilities), torch.cat(labels)
 
 
 def confusion_matrix(predictions, labels, classes=10):

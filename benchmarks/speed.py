@@ -1,16 +1,19 @@
-"""How fast Net trains at batch 512 here: the original's input path against this project's, in one run.
+"""How fast each model trains here, in each precision the device runs natively, beside the original's path, in one run.
 
-    python3 benchmarks/speed.py [--data-dir data] [--steps 30] [--no-epoch]
+    python3 benchmarks/speed.py [--data-dir data] [--steps 12] [--models Net CompactNet] [--no-epoch] [--profile]
 
+For each model (Net at the block's batch size, CompactNet at its recipe's) and each precision (float32, and
+bfloat16 autocast where hardware.bfloat16_is_fast says the device runs it natively):
 (a) the original's path: torchvision's PIL transforms per image in 2 DataLoader workers, float32, NCHW;
-(b) this project's path, exactly as main_mnist.py runs it: utils.get_trainloader + utils.train, with AMP as set there;
-(c) the compute floor: the same model and precision on one batch already in memory, so no input work at all.
-It also times the input pipeline of (b) alone (its share of b), the test pass, one whole epoch (train + test) of (b),
-and reports the peak memory (RSS) of this process and of the workers of (a).
+(b) this project's path, as main_mnist.py runs it: utils.get_trainloader + utils.train, in the layout
+    hardware.choose_layout picks (timed here, not remembered);
+(c) the compute floor of each layout: the same step on one batch already in memory, no input work at all;
+then, unless --no-epoch, one whole epoch of (b), train and test, as main_mnist.py times it.
+--profile adds a table of the operations (c) spends its time in, in the chosen layout.
+Ratios are of numbers taken in this one run; compare them, not absolute figures from other runs.
 """
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -19,26 +22,26 @@ import torch.nn.functional as F
 from torchvision import datasets, transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import main_mnist  # noqa: E402  (the repo root, for the hyperparameters main uses)
+import hardware  # noqa: E402  (the repo root)
+import main_mnist  # noqa: E402
 import utils  # noqa: E402
-from model import Net  # noqa: E402
+from model import MODELS  # noqa: E402
 
-BATCH = 512
 WARMUP = 3  # the first steps pay for memory allocation and oneDNN's kernel selection
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def recipe(model_name):
+    """The settings main_mnist.py trains `model_name` with: the block, with the recipe --model applies over it."""
+    return {**main_mnist.SETTINGS, **main_mnist.RECIPES[model_name], "MODEL": model_name}
 
 
-def new_model_and_optimizer(device, channels_last):
+def new_model_and_optimizer(hp, device, layout):
     torch.manual_seed(0)
-    model = Net().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return model, torch.optim.SGD(model.parameters(), lr=main_mnist.LR, momentum=main_mnist.MOMENTUM)
+    model = MODELS[hp["MODEL"]]().to(device, memory_format=hardware.LAYOUTS[layout])
+    return model, main_mnist.build_optimizer(model, hp)
 
 
-def original_path(data_dir, device, steps):
+def original_path(hp, device, steps):
     """img/s of the original's training loop: PIL transforms in 2 workers, float32, NCHW."""
     augmentation = transforms.Compose([
         transforms.RandomApply([transforms.CenterCrop(22)], p=0.1),
@@ -47,10 +50,10 @@ def original_path(data_dir, device, steps):
         transforms.ToTensor(),
         transforms.Normalize((0.1307,), (0.3081,)),
     ])
-    dataset = datasets.MNIST(data_dir, train=True, download=True, transform=augmentation)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=2,
+    dataset = datasets.MNIST(hp["DATA_DIR"], train=True, download=True, transform=augmentation)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=hp["BATCH_SIZE"], shuffle=True, num_workers=2,
                                          pin_memory=device.type == "cuda")
-    model, optimizer = new_model_and_optimizer(device, channels_last=False)
+    model, optimizer = new_model_and_optimizer(hp, device, "contiguous")
     model.train()
     batches = iter(loader)
     for step in range(WARMUP + steps):
@@ -67,111 +70,126 @@ def original_path(data_dir, device, steps):
     sync(device)
     seconds = time.perf_counter() - start
     del batches  # stops the workers
-    return steps * BATCH / seconds
+    return steps * hp["BATCH_SIZE"] / seconds
 
 
-def project_path(train_loader, device, amp, steps):
+def project_path(hp, train_loader, device, amp, layout, steps):
     """img/s of utils.train on utils.get_trainloader's batches, as main_mnist.py calls it."""
-    model, optimizer = new_model_and_optimizer(device, channels_last=True)
-    train_loader.max_batches = WARMUP
+    model, optimizer = new_model_and_optimizer(hp, device, layout)
+    train_loader.layout, train_loader.max_batches = layout, WARMUP
     utils.train(model, device, train_loader, optimizer, F.nll_loss, amp=amp)
     train_loader.max_batches = steps
     start = time.perf_counter()
     utils.train(model, device, train_loader, optimizer, F.nll_loss, amp=amp)  # ends reading the loss: synced
-    return steps * BATCH / (time.perf_counter() - start)
+    return steps * hp["BATCH_SIZE"] / (time.perf_counter() - start)
 
 
-def pipeline_alone(train_loader, device, steps):
-    """img/s of making the batches of (b) (shuffle, augment, normalize) with no training."""
-    train_loader.max_batches = steps
-    sync(device)
-    start = time.perf_counter()
-    for data, _ in train_loader:
-        pass
-    sync(device)
-    return steps * BATCH / (time.perf_counter() - start)
+def compute_floor(hp, device, amp, layout, steps, profile=False):
+    """img/s of the same training step on one batch held in memory: the most any input path can give.
+    With `profile`, also the table of where the timed steps spent their time."""
+    model, optimizer = new_model_and_optimizer(hp, device, layout)
+    data = torch.randn(hp["BATCH_SIZE"], 1, 28, 28, device=device).contiguous(
+        memory_format=hardware.LAYOUTS[layout])
+    target = torch.randint(0, 10, (hp["BATCH_SIZE"],), device=device)
 
-
-def compute_floor(device, amp, steps):
-    """img/s of the same training step on one batch held in memory: the most any input path can give."""
-    model, optimizer = new_model_and_optimizer(device, channels_last=True)
-    data = torch.randn(BATCH, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, 10, (BATCH,), device=device)
-    for step in range(WARMUP + steps):
-        if step == WARMUP:
-            sync(device)
-            start = time.perf_counter()
+    def step():
         optimizer.zero_grad(set_to_none=True)
-        with utils.autocast(device, amp):
+        with hardware.autocast(device, amp):
             output = model(data)
         loss = F.nll_loss(output.float(), target)
         loss.backward()
         optimizer.step()
+        return loss
+
+    for _ in range(WARMUP):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
     loss.item()
     sync(device)
-    return steps * BATCH / (time.perf_counter() - start)
+    speed = steps * hp["BATCH_SIZE"] / (time.perf_counter() - start)
+    if not profile:
+        return speed, None
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(min(steps, 5)):
+            step()
+        sync(device)
+    return speed, profile_table(profiler)
 
 
-def peak_rss_mib(who):
-    kib = resource.getrusage(who).ru_maxrss  # KiB on Linux
-    return kib / 1024
+def profile_table(profiler, rows=10):
+    """The operations that took the largest share of the profiled steps' own time (self time, so nothing is
+    counted twice), as a Markdown table."""
+    events = [event for event in profiler.key_averages() if event.key.startswith("aten::")]
+    total = sum(event.self_cpu_time_total for event in events) or 1
+    lines = ["| op | calls | share of the step |", "|---|---|---|"]
+    for event in sorted(events, key=lambda event: -event.self_cpu_time_total)[:rows]:
+        lines.append(f"| `{event.key.removeprefix('aten::')}` | {event.count} | "
+                     f"{100 * event.self_cpu_time_total / total:.0f}% |")
+    return "\n".join(lines)
+
+
+def whole_epoch(hp, train_loader, test_loader, device, amp, layout):
+    """Seconds of one epoch as main_mnist.py runs it: training on all 60,000 images, then the test pass."""
+    train_loader.layout, train_loader.max_batches, test_loader.layout = layout, None, layout
+    model, optimizer = new_model_and_optimizer(hp, device, layout)
+    scheduler = main_mnist.build_scheduler(optimizer, hp, len(train_loader))
+    start = time.perf_counter()
+    utils.train(model, device, train_loader, optimizer, F.nll_loss, scheduler, amp=amp)
+    utils.test(model, device, test_loader, F.nll_loss, amp, verbose=False)
+    return time.perf_counter() - start
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", default=main_mnist.DATA_DIR, help="folder holding MNIST/raw")
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps of batch 512 per path")
+    parser.add_argument("--steps", type=int, default=12, help="timed training steps per path")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
     parser.add_argument("--no-epoch", action="store_true", help="skip timing one whole epoch of (b)")
+    parser.add_argument("--profile", action="store_true", help="print where the compute floor's step spends time")
     args = parser.parse_args()
 
-    device = utils.pick_device()
-    amp = utils.use_bfloat16(device, main_mnist.AMP)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__} on {device} ({name}); mixed precision of (b) and (c): "
-          f"{'bfloat16' if amp else 'off'}; batch {BATCH}, {args.steps} timed steps per path")
-
-    train_loader = utils.get_trainloader(args.data_dir, BATCH, device, augmentation=main_mnist.SETTINGS)
-    test_loader = utils.get_testloader(args.data_dir, main_mnist.TEST_BATCH_SIZE, device)
-    a = original_path(args.data_dir, device, args.steps)
-    b = project_path(train_loader, device, amp, args.steps)
-    pipeline = pipeline_alone(train_loader, device, args.steps)
-    c = compute_floor(device, amp, args.steps)
-
-    model, optimizer = new_model_and_optimizer(device, channels_last=True)
-    utils.test(model, device, test_loader, F.nll_loss, amp)  # warm-up
-    start = time.perf_counter()
-    utils.test(model, device, test_loader, F.nll_loss, amp)
-    evaluation = len(test_loader.labels) / (time.perf_counter() - start)
-
-    rows = [
-        ("(a) original path: PIL transforms, 2 workers, fp32, NCHW", f"{a:8.0f} img/s"),
-        ("(b) this project's path (main_mnist.py)", f"{b:8.0f} img/s"),
-        ("(c) compute floor: same step, batch already in memory", f"{c:8.0f} img/s"),
-        ("b / a", f"{b / a:8.2f} x"),
-        ("b / c (how close b is to the floor)", f"{b / c:8.2f}"),
-        ("input pipeline of (b) alone", f"{pipeline:8.0f} img/s"),
-        ("pipeline's share of (b)'s time", f"{100 * b / pipeline:8.1f} %"),
-        (f"test pass (batch {main_mnist.TEST_BATCH_SIZE}, inference mode)", f"{evaluation:8.0f} img/s"),
-    ]
-    if not args.no_epoch:
-        train_loader.max_batches = None
-        model, optimizer = new_model_and_optimizer(device, channels_last=True)
-        start = time.perf_counter()
-        utils.train(model, device, train_loader, optimizer, F.nll_loss, amp=amp)
-        utils.test(model, device, test_loader, F.nll_loss, amp)
-        epoch = time.perf_counter() - start
-        rows += [("one whole epoch of (b): train 60,000 + test 10,000", f"{epoch:8.1f} s"),
-                 ("  as training throughput (60,000 / epoch time)", f"{60_000 / epoch:8.0f} img/s"),
-                 ("  against the original's training-only throughput", f"{60_000 / epoch / a:8.2f} x")]
-    rows += [("peak RSS of this process", f"{peak_rss_mib(resource.RUSAGE_SELF):8.0f} MiB"),
-             ("peak RSS of the largest worker of (a)", f"{peak_rss_mib(resource.RUSAGE_CHILDREN):8.0f} MiB")]
+    device = hardware.pick_device()
+    precisions = [False] + ([True] if hardware.bfloat16_is_fast(device) else [])
+    print(f"torch {torch.__version__}; device {hardware.device_name(device)}; precisions timed: "
+          f"{', '.join(hardware.precision_name(amp) for amp in precisions)}; {args.steps} timed steps per path")
+    for name in args.models:
+        hp = {**recipe(name), "DATA_DIR": args.data_dir}
+        train_loader = utils.get_trainloader(args.data_dir, hp["BATCH_SIZE"], device, augmentation=hp)
+        test_loader = utils.get_testloader(args.data_dir, hp["TEST_BATCH_SIZE"], device)
+        a = original_path(hp, device, args.steps)
+        for amp in precisions:
+            floors, tables = {}, {}
+            for layout in hardware.LAYOUTS:
+                floors[layout], tables[layout] = compute_floor(hp, device, amp, layout, args.steps, args.profile)
+            layout = max(floors, key=floors.get)  # what LAYOUT = "auto" picks, timed the same way but longer
+            b = project_path(hp, train_loader, device, amp, layout, args.steps)
+            print(f"\n**{name}, batch {hp['BATCH_SIZE']}, {hardware.precision_name(amp)}, "
+                  f"layout {layout} (the faster floor)**\n")
+            rows = [("(a) the original's path: PIL transforms, 2 workers, float32, NCHW", f"{a:.0f} img/s"),
+                    ("(b) this project's path (main_mnist.py)", f"{b:.0f} img/s"),
+                    *[(f"(c) compute floor, {other}", f"{floors[other]:.0f} img/s") for other in floors],
+                    ("**b / a**", f"**{b / a:.2f}×**"),
+                    ("b / c (how close b is to its floor)", f"{b / floors[layout]:.2f}")]
+            if not args.no_epoch:
+                seconds = whole_epoch(hp, train_loader, test_loader, device, amp, layout)
+                rows.append(("one epoch of (b): train 60,000 + test 10,000", f"{seconds:.1f} s"))
+            print("| path | speed |\n|---|---|")
+            print("\n".join(f"| {label} | {value} |" for label, value in rows))
+            if args.profile:
+                print(f"\nWhere (c)'s step spends its time, {layout}:\n\n{tables[layout]}")
     if device.type == "cuda":
-        rows.append(("peak CUDA memory allocated", f"{torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB"))
-    width = max(len(label) for label, _ in rows)
-    print()
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+        print(f"\npeak CUDA memory allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import predict
 from test_predict import huge_png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,7 +247,7 @@ def test_a_drawing_of_too_many_pixels_is_refused_before_it_is_read(demo_extras):
     import app
     side = int(app.MAX_PIXELS ** 0.5) + 1
     white = np.broadcast_to(np.uint8(255), (side, side, 4))  # a huge drawing, in no memory at all
-    assert app.read_drawing(None, "cpu", {"background": None, "layers": [], "composite": white}) == (
+    assert app.read_drawing(None, "cpu", predict.UNCALIBRATED, {"background": None, "layers": [], "composite": white}) == (
         None, None, f"The drawing is {side}x{side} pixels ({side * side / 1e6:.1f} megapixels), over the limit of "
                     f"{app.MAX_PIXELS / 1e6:g} megapixels: scale it down (the model reads digits at 28x28)")
 
@@ -262,5 +263,5 @@ def test_an_image_the_pad_keeps_in_memory_is_measured_too(demo_extras, tmp_path)
     drawing = pad.preprocess(EditorData(id="sent"))
     assert drawing["refused"].startswith("The image sent is 13300x13300 pixels (176.9 megapixels), over the limit")
     assert not pad.blob_storage  # not kept either
-    assert app.read_drawing(None, "cpu", drawing) == (None, None, drawing["refused"])
+    assert app.read_drawing(None, "cpu", predict.UNCALIBRATED, drawing) == (None, None, drawing["refused"])
     assert not os.path.exists(os.path.join(REPO, "app.pyi"))  # which gradio writes for a subclass of its components

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import main_mnist
+import records
+import robustness
 import settings
 import utils
 from conftest import REPO
@@ -350,10 +352,17 @@ def test_eval_only_scores_a_saved_model_and_writes_the_diagnostics(tiny_mnist, t
         out = capsys.readouterr().out
         assert f"({float(trained):.2f}%)" in out  # the same accuracy as at the end of training
         assert "Per-class test accuracy: 0:" in out
-        for name in ("misclassified.png", "confusion_matrix.png"):
+        for name in ("misclassified.png", "confusion_matrix.png", records.RELIABILITY, records.ROBUSTNESS_PLOT):
             with open(eval_dir / saved / name, "rb") as f:
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert not (eval_dir / saved / "metrics.csv").exists()  # nothing trained
+        # the robustness curves, their mean in run.json, and the calibration
+        record = records.read_record(str(eval_dir / saved))
+        curves = records.read_robustness(str(eval_dir / saved))
+        assert set(curves) == set(robustness.FAMILIES) and record["robustness_images"] == 32  # tiny_mnist's test set
+        assert record["robustness_mean"] == pytest.approx(robustness.mean_accuracy(curves), abs=0.01)
+        assert {"temperature", "threshold", "ece_before", "ece_after"} <= set(record["calibration"])
+        assert "Robustness: accuracy" in out and "Calibration: expected calibration error" in out
 
 
 @pytest.mark.parametrize("argv, expected", [

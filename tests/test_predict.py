@@ -15,6 +15,7 @@ import main_mnist
 import predict
 import records
 import runs
+from conftest import assert_png
 from images import mnist_batch, to_mnist
 from main_mnist import OUT_DIR
 from model import CompactNet
@@ -120,7 +121,7 @@ def test_predict_reads_photos_of_digits_as_the_model_reads_the_originals(real_da
 
     code, out, err = run_predict(capsys, *paths, "--checkpoint", trained_model, "--out", tmp_path / "p.png")
     assert code == 0 and err == ""
-    answers = dict(re.findall(r"^(\S+): (\d)   top 3: ", out, re.MULTILINE))
+    answers = dict(re.findall(r"^(\S+): (?:\d|not sure)   top 3: (\d) ", out, re.MULTILINE))  # the likeliest
     assert len(answers) == 200
     agree = sum(int(answers[path]) == own for path, own in zip(paths, own_answers))
     assert agree >= 190, f"only {agree} of 200 photos read as their originals"
@@ -289,3 +290,45 @@ def test_images_of_every_pixel_format_are_read_as_their_greyscale_twin(mode, suf
     assert len(answers) == 2 and answers[0][0] == answers[1][0] == "7"
     if mode != "CMYK":  # JPEG's compression changes a few grey levels; the others are exactly the same pixels
         assert answers[0] == answers[1]
+
+
+# ---- Calibration and "not sure" ----
+
+def test_a_trained_run_keeps_its_calibration_and_predict_uses_it(trained_model, tmp_path, capsys):
+    calibration = records.calibration_of(trained_model)
+    assert calibration is not None and 0 < calibration["temperature"] and 0 < calibration["threshold"] < 1
+    seven_on_paper().save(tmp_path / "seven.png")
+    code, out, err = run_predict(capsys, tmp_path / "seven.png", "--checkpoint", trained_model, "--out",
+                                 tmp_path / "p.png")
+    assert code == 0 and f"temperature {calibration['temperature']:.2f}" in out
+    assert f"\"not sure\" below {100 * calibration['threshold']:.1f}% confidence" in out
+
+
+def test_predict_says_not_sure_on_an_image_of_noise_and_shows_the_top_3(trained_model, tmp_path, capsys):
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    code, out, err = run_predict(capsys, tmp_path / "noise.png", "--checkpoint", trained_model, "--out",
+                                 tmp_path / "p.png")
+    assert code == 0
+    assert re.search(r"noise\.png: not sure   top 3: \d \d+\.\d%  \d \d+\.\d%  \d \d+\.\d%\n", out)
+    assert_png(tmp_path / "p.png")
+
+
+def test_a_plain_state_dict_still_loads_uncalibrated_and_says_so(trained_model, tmp_path, capsys):
+    plain = tmp_path / "weights.pt"  # no run.json beside it
+    torch.save(torch.load(trained_model, weights_only=True), plain)
+    seven_on_paper().save(tmp_path / "seven.png")
+    code, out, err = run_predict(capsys, tmp_path / "seven.png", "--checkpoint", plain, "--out", tmp_path / "p.png")
+    assert code == 0 and "Note: no calibration" in out
+    assert f"\"not sure\" below {100 * predict.UNCALIBRATED['threshold']:.0f}% confidence" in out
+    assert re.search(r"seven\.png: (\d|not sure)   top 3: ", out)
+
+
+@pytest.mark.parametrize("calibration", [None, "hot", {"temperature": -1, "threshold": 0.5},
+                                         {"temperature": 1.5, "threshold": 2}])
+def test_a_damaged_calibration_is_no_calibration(tmp_path, calibration, trained_model):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record = records.read_record(os.path.dirname(trained_model))
+    (folder / records.RECORD).write_text(json.dumps({**record, "calibration": calibration}))
+    assert records.calibration_of(str(folder / records.FINAL_MODEL)) is None

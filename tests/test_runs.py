@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import hardware
 import main_mnist
 import runs
 import utils
@@ -30,6 +31,11 @@ def train(tiny_mnist, *flags):
     main_mnist.main(["--data-dir", tiny_mnist, *FAST, "--epochs", "1", *flags])
 
 
+def folders_in(parent):
+    """The folders in `parent` (runs), without the files beside them (hardware.py's fastest.json)."""
+    return sorted(path for path in parent.iterdir() if path.is_dir())
+
+
 def folder_contents(folder):
     """{name: bytes} of every file in a folder."""
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
@@ -40,7 +46,7 @@ def folder_contents(folder):
 def test_two_default_runs_get_two_folders_and_both_keep_their_files(tiny_mnist, in_tmp, capsys):
     train(tiny_mnist)
     train(tiny_mnist, "--lr", "0.0375")
-    folders = sorted((in_tmp / main_mnist.OUT_DIR).iterdir())
+    folders = folders_in(in_tmp / main_mnist.OUT_DIR)
     assert len(folders) == 2
     for folder in folders:  # started in the same second: the second one gets -2
         assert folder.name.endswith((f"_{main_mnist.MODEL}", f"_{main_mnist.MODEL}-2"))
@@ -54,7 +60,7 @@ def test_two_default_runs_get_two_folders_and_both_keep_their_files(tiny_mnist, 
 
 def test_run_folders_sort_by_start_and_name_the_model(tiny_mnist, in_tmp):
     train(tiny_mnist, "--model", "CompactNet")
-    (folder,) = (in_tmp / main_mnist.OUT_DIR).iterdir()
+    (folder,) = folders_in(in_tmp / main_mnist.OUT_DIR)
     date, clock, model = folder.name.split("_")
     assert len(date) == 10 and len(clock) == 8 and model == "CompactNet"  # 2026-11-25_11-20-03_CompactNet
 
@@ -76,8 +82,12 @@ def test_record_says_what_the_run_was_and_how_it_went(tiny_mnist, tmp_path):
     model = MODELS[main_mnist.MODEL]()
     assert record["status"] == "finished" and record["model"] == main_mnist.MODEL
     assert record["parameters"] == sum(p.numel() for p in model.parameters())
+    layout = record["hyperparameters"]["LAYOUT"]  # the one LAYOUT chose: "auto" is timed, not recorded
+    assert layout in hardware.LAYOUTS and (main_mnist.LAYOUT == "auto" or layout == main_mnist.LAYOUT)
     assert record["hyperparameters"] == {**main_mnist.SETTINGS, "LR": 0.02, "EPOCHS": 1, "BATCH_SIZE": 16,
-                                         "TEST_BATCH_SIZE": 16, "DATA_DIR": tiny_mnist, "OUT_DIR": str(out_dir)}
+                                         "TEST_BATCH_SIZE": 16, "DATA_DIR": tiny_mnist, "OUT_DIR": str(out_dir),
+                                         "LAYOUT": layout}
+    assert {"temperature", "threshold", "ece_before", "ece_after"} <= set(record["calibration"])
     assert "--lr 0.02" in record["command"] and record["command"].startswith("python3 main_mnist.py")
     assert record["torch"] == torch.__version__ and record["device"].startswith("cpu")
     assert record["precision"] in ("bfloat16 autocast", "float32")
@@ -100,11 +110,11 @@ def test_resume_continues_in_the_checkpoints_own_folder(tiny_mnist, tmp_path):
 
 def test_eval_only_writes_into_a_folder_of_its_own(tiny_mnist, in_tmp):
     train(tiny_mnist)
-    (run_folder,) = (in_tmp / main_mnist.OUT_DIR).iterdir()
+    (run_folder,) = folders_in(in_tmp / main_mnist.OUT_DIR)
     before = folder_contents(run_folder)
     main_mnist.main(["--eval-only", "--checkpoint", str(run_folder / "model.pt"), "--data-dir", tiny_mnist])
     assert folder_contents(run_folder) == before
-    (eval_folder,) = [f for f in (in_tmp / main_mnist.OUT_DIR).iterdir() if f != run_folder]
+    (eval_folder,) = [f for f in folders_in(in_tmp / main_mnist.OUT_DIR) if f != run_folder]
     assert eval_folder.name.endswith(f"_{main_mnist.MODEL}_eval")
     assert {"misclassified.png", "confusion_matrix.png", "run.json"} <= set(os.listdir(eval_folder))
 
@@ -274,7 +284,8 @@ def test_compare_marks_unfinished_runs_and_skips_folders_without_a_record(tiny_m
     record = json.loads((unfinished / "run.json").read_text())
     (unfinished / "run.json").write_text(json.dumps({**record, "status": "stopped", "epochs_done": 1}))
     capsys.readouterr()
-    main_mnist.main(["--compare", *map(str, sorted((in_tmp / main_mnist.OUT_DIR).iterdir()))])
+    folders = folders_in(in_tmp / main_mnist.OUT_DIR)
+    main_mnist.main(["--compare", *map(str, folders)])
     out = capsys.readouterr().out
     notes = os.path.join(main_mnist.OUT_DIR, "notes")
     assert f"skipped {notes}: {os.path.join(notes, 'run.json')} does not exist" in out.replace(str(in_tmp) + os.sep, "")
@@ -287,3 +298,22 @@ def test_compare_marks_unfinished_runs_and_skips_folders_without_a_record(tiny_m
 
 def test_compare_with_no_runs_says_so(in_tmp):
     assert exit_message(["--compare"]).startswith("error: no runs to compare")
+
+
+def test_compare_overlays_the_robustness_curves_of_the_evaluated_models(tiny_mnist, in_tmp, capsys):
+    train(tiny_mnist, "--lr", "0.01")
+    (trained,) = folders_in(in_tmp / main_mnist.OUT_DIR)
+    evaluations = []
+    for seed in (1, 2):
+        evaluations.append(in_tmp / f"eval{seed}")
+        main_mnist.main(["--eval-only", "--checkpoint", str(trained / "model.pt"), "--data-dir", tiny_mnist,
+                         "--out-dir", str(evaluations[-1]), "--seed", str(seed)])
+    (evaluations[1] / "robustness.csv").write_text("family,strength\nrotation,x\n")  # damaged: left out, said so
+    capsys.readouterr()
+    main_mnist.main(["--compare", str(trained), *map(str, evaluations)])
+    out = capsys.readouterr().out
+    assert f"{evaluations[0]}: an evaluation; its robustness curves are drawn" in out
+    assert f"Note: {evaluations[1] / 'robustness.csv'} is left out" in out
+    assert "the robustness curves of 1 evaluated models" in out
+    assert_png(in_tmp / main_mnist.OUT_DIR / runs.ROBUSTNESS_COMPARISON)
+    assert_png(in_tmp / main_mnist.OUT_DIR / "comparison.png")  # the training run is compared as before

@@ -10,6 +10,7 @@ from torchvision import datasets
 from torch.utils.data import DataLoader, TensorDataset
 
 import figures
+import hardware
 import utils
 from conftest import assert_png
 from model import Net
@@ -263,7 +264,7 @@ def test_find_lr_sweeps_exponentially_and_leaves_the_model_and_optimizer_as_they
     weights = {name: value.clone() for name, value in model.state_dict().items()}
     rng = torch.get_rng_state()
 
-    amp = utils.use_bfloat16("cpu", True)
+    amp = hardware.use_bfloat16("cpu", True)
     result = utils.find_lr(model, optimizer, loader, F.nll_loss, "cpu", amp, start_lr=1e-5, end_lr=1, num_iter=20)
     lrs = torch.tensor(result["lrs"], dtype=torch.float64)
     assert lrs[0] == pytest.approx(1e-5) and len(lrs) <= 20
@@ -298,12 +299,13 @@ def test_lr_suggestion_is_a_tenth_of_the_lowest_loss_and_ignores_what_follows_a_
         utils._suggest_lr(lrs[:5], losses[:5], num_iter=100)
 
 
-def test_predict_returns_the_probabilities_and_the_labels():
+def test_predict_returns_the_log_probabilities_and_the_labels():
     inputs = torch.zeros(10, 1, 28, 28)
     inputs[:, 0, 0, 0] = torch.arange(10).float()
     answers = torch.tensor([3, 1, 2, 3, 4, 5, 6, 7, 8, 0])
     loader = DataLoader(TensorDataset(inputs, torch.arange(10)), batch_size=4)
-    probabilities, labels = utils.predict(FixedAnswers(answers), "cpu", loader)
+    log_probabilities, labels = utils.predict(FixedAnswers(answers), "cpu", loader)
+    probabilities = log_probabilities.exp()
     assert probabilities.shape == (10, 10) and probabilities.dtype == torch.float32
     assert probabilities.device.type == "cpu"
     assert torch.allclose(probabilities.sum(dim=1), torch.ones(10))

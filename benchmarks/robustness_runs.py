@@ -1,0 +1,147 @@
+"""What each model knows, and what augmentation buys: the runs behind README's robustness and calibration figures.
+
+    python3 benchmarks/robustness_runs.py [--out-dir robustness-runs] [--net-epochs 20] [--compact-epochs 15] [--dry-run]
+
+Trains Net and CompactNet (each with its recipe), each with the augmentation as the block has it and with the
+rotation off (--rotation 0), then evaluates each saved model with `main_mnist.py --eval-only`: its robustness
+curves, its calibration (expected calibration error before and after temperature scaling) and its "not sure"
+threshold. `main_mnist.py --compare` then draws the four models' curves on one figure. Last, each model reads
+NON_DIGITS images made here that are not digits (printed capital letters, simple shapes, scribbles: dark on light,
+as a person's photo of paper would be) through predict.py's path, and the share it calls "not sure" is counted,
+beside the share of real test digits it calls "not sure" (the held-out halves of the calibration).
+
+A run whose folder already has its model.pt is not trained again. Prints a Markdown table for README.
+"""
+import argparse
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+
+from PIL import Image, ImageDraw, ImageFont
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import predict  # noqa: E402  (the repo root)
+import records  # noqa: E402
+from images import to_mnist  # noqa: E402
+
+import torch  # noqa: E402
+
+NON_DIGITS = 60  # per kind: letters, shapes, scribbles
+AUGMENTATION = {"on": [], "off": ["--rotation", "0"]}
+
+
+def letter(rng, size=200):
+    """A printed capital letter, black on white, in a scalable font where Pillow has one."""
+    image = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.load_default(size=rng.randint(100, 150))
+    except (TypeError, OSError):  # a Pillow without FreeType: its small bitmap font, scaled up
+        font = None
+    text = rng.choice(string.ascii_uppercase)
+    if font is None:
+        small = Image.new("L", (12, 12), 255)
+        ImageDraw.Draw(small).text((2, 0), text, fill=0)
+        return small.resize((size, size))
+    draw.text((size / 2 + rng.randint(-15, 15), size / 2 + rng.randint(-15, 15)), text, fill=0, font=font,
+              anchor="mm")
+    return image
+
+
+def shape(rng, size=200):
+    """A circle, square, triangle, cross or star's outline (or a filled one), black on white."""
+    image = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(image)
+    width = rng.randint(6, 16)
+    c, r = size / 2 + rng.randint(-10, 10), rng.randint(50, 80)
+    kind = rng.choice(["circle", "square", "triangle", "cross", "filled"])
+    if kind == "circle":
+        draw.ellipse([c - r, c - r, c + r, c + r], outline=0, width=width)
+    elif kind == "square":
+        draw.rectangle([c - r, c - r, c + r, c + r], outline=0, width=width)
+    elif kind == "triangle":
+        draw.polygon([(c, c - r), (c + r, c + r), (c - r, c + r)], outline=0, width=width)
+    elif kind == "cross":
+        draw.line([(c - r, c - r), (c + r, c + r)], fill=0, width=width)
+        draw.line([(c - r, c + r), (c + r, c - r)], fill=0, width=width)
+    else:
+        draw.ellipse([c - r, c - r * 0.7, c + r, c + r * 0.7], fill=0)
+    return image
+
+
+def scribble(rng, size=200):
+    """A random line of 6 to 12 strokes, black on white."""
+    image = Image.new("L", (size, size), 255)
+    points = [(rng.randint(30, size - 30), rng.randint(30, size - 30)) for _ in range(rng.randint(6, 12))]
+    ImageDraw.Draw(image).line(points, fill=0, width=rng.randint(6, 14), joint="curve")
+    return image
+
+
+KINDS = {"printed letters": letter, "shapes": shape, "scribbles": scribble}
+
+
+def not_sure_share(model_path, device, count=NON_DIGITS, seed=0):
+    """{kind: share of `count` made images of that kind the model calls "not sure"} through predict.py's path."""
+    _, model, _, calibration = predict.load_reader(model_path, device)
+    rng = random.Random(seed)
+    shares = {}
+    for kind, make in KINDS.items():
+        digits = torch.stack([to_mnist(make(rng)) for _ in range(count)])
+        probabilities = predict.classify(model, device, digits, calibration)
+        shares[kind] = sum(predict.answer(p, d, calibration) is None for p, d in zip(probabilities, digits)) / count
+    return shares
+
+
+def main_mnist(*args):
+    subprocess.run([sys.executable, os.path.join(REPO, "main_mnist.py"), *args], check=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="robustness-runs", help="where the runs and the figure go")
+    parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: main_mnist.py's)")
+    parser.add_argument("--net-epochs", type=int, default=None, help="Net's epochs (default: its recipe's)")
+    parser.add_argument("--compact-epochs", type=int, default=None, help="CompactNet's epochs (default: its recipe's)")
+    parser.add_argument("--dry-run", action="store_true", help="one batch per epoch and per evaluation: a check")
+    args = parser.parse_args()
+
+    extra = (["--data-dir", args.data_dir] if args.data_dir else []) + (["--dry-run"] if args.dry_run else [])
+    epochs = {"Net": args.net_epochs, "CompactNet": args.compact_epochs}
+    rows, evaluations = [], []
+    for model in ("Net", "CompactNet"):
+        for augmentation, flags in AUGMENTATION.items():
+            name = f"{model}-augmentation-{augmentation}"
+            folder, evaluation = os.path.join(args.out_dir, name), os.path.join(args.out_dir, name + "-eval")
+            model_path = os.path.join(folder, records.FINAL_MODEL)
+            if not os.path.exists(model_path):
+                main_mnist("--model", model, *flags, "--out-dir", folder, *extra,
+                           *(["--epochs", str(epochs[model])] if epochs[model] else []))
+            if not os.path.exists(os.path.join(evaluation, records.RECORD)):
+                main_mnist("--eval-only", "--checkpoint", model_path, "--out-dir", evaluation, *extra)
+            evaluations.append(evaluation)
+            trained, evaluated = records.read_record(folder), records.read_record(evaluation)
+            calibration = trained["calibration"]
+            shares = not_sure_share(model_path, torch.device("cpu"))
+            rows.append([model, augmentation, f"{trained['epochs_done']}", f"{trained['final_test_acc']:.2f}",
+                         f"{evaluated['robustness_mean']:.1f}", f"{100 * calibration['ece_before']:.2f}",
+                         f"{100 * calibration['ece_after']:.2f}", f"{calibration['temperature']:.2f}",
+                         f"{100 * calibration['threshold']:.1f}", f"{100 * (1 - calibration['answered']):.1f}",
+                         f"{100 * calibration['answered_error']:.2f}",
+                         *(f"{100 * share:.0f}" for share in shares.values())])
+            with open(os.path.join(evaluation, "not_sure.json"), "w") as f:
+                json.dump(shares, f)
+    main_mnist("--compare", *evaluations, "--out-dir", args.out_dir)
+    header = ["model", "augmentation", "epochs", "test acc. %", "acc. under shifts %", "ECE %", "ECE after T %",
+              "T", "not sure below %", "real digits not sure %", "error of answers %",
+              *(f"{kind} not sure %" for kind in KINDS)]
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
