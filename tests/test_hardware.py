@@ -77,7 +77,8 @@ def test_an_unwritable_folder_costs_the_memory_not_the_run(tmp_path, timed, monk
 
 def test_a_run_records_the_layout_it_used_and_its_resume_keeps_it(tiny_mnist, tmp_path, timed, capsys):
     out = tmp_path / "run"
-    main_mnist.main(["--data-dir", tiny_mnist, "--out-dir", str(out), "--epochs", "1", "--schedule", "step", *FAST])
+    main_mnist.main(["--data-dir", tiny_mnist, "--out-dir", str(out), "--epochs", "1", "--schedule", "step",
+                     "--layout", "auto", *FAST])
     printed = capsys.readouterr().out
     assert "Layout: contiguous (timed now" in printed and "Device: cpu (" in printed
     assert records.read_record(str(out))["hyperparameters"]["LAYOUT"] == "contiguous"
