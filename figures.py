@@ -316,7 +316,7 @@ def plot_predictions(paths, images, digits, probabilities, path, answers, thresh
     count = len(paths)
     fig = Figure(figsize=(9, 2.4 * count), layout="constrained")  # titles clear of the axes above
     axs = fig.subplots(count, 3, squeeze=False, width_ratios=[1, 1, 2])
-    for row, (name, image, digit, probs, sure) in enumerate(zip(paths, images, digits, probabilities, answers)):
+    for row, (name, image, digit, probs, answer) in enumerate(zip(paths, images, digits, probabilities, answers)):
         shown = image.convert("RGBA")
         shown.thumbnail(SHOWN_SIZE)  # a 12-megapixel photo is drawn as small as it is shown
         axs[row, 0].imshow(shown)
@@ -327,7 +327,7 @@ def plot_predictions(paths, images, digits, probabilities, path, answers, thresh
             ax.set_xticks([])
             ax.set_yticks([])
         best = int(probs.argmax())
-        sure = sure is not None
+        sure = answer is not None
         axs[row, 2].bar(range(10), probs.numpy(),
                         color=["tab:blue" if d == best and sure else "tab:gray" for d in range(10)])
         axs[row, 2].axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
@@ -351,8 +351,8 @@ def plot_robustness(runs, path, images):
     colors = colormaps["tab10"].colors
     for ax, family in zip(axes, families):
         for color, (label, curves) in zip(itertools.cycle(colors), runs.items()):
-            strengths, accuracies = zip(*curves.get(family, []) or [(None, None)])
-            if strengths[0] is not None:
+            if curves.get(family):  # a run measured before a family was added has no curve of it
+                strengths, accuracies = zip(*curves[family])
                 ax.plot(strengths, accuracies, marker="o", markersize=3, color=color, label=label)
         ax.set_title(family)
         ax.set_ylim(0, 100)

@@ -103,16 +103,17 @@ def training_speed(model_class, layout, batch_size, device, amp, seconds=LAYOUT_
 
     for _ in range(2):
         step()
-    _sync(device)
+    sync(device)
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         step()
-        _sync(device)
+        sync(device)
         steps += 1
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def _sync(device):
+def sync(device):
+    """Waits for the device's queued work, so that a timing ends when the work does (a CPU never queues)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -124,7 +125,7 @@ def choose_layout(setting, model_name, model_class, batch_size, device, amp, fol
     `folder` for this machine, torch, precision, model and batch size; else, if `timing`, both layouts timed now
     (training_speed) and the faster remembered; else (a dry run or an evaluation, which time nothing)
     channels_last."""
-    from utils import UserError, atomic_write  # here, not at the top: utils imports this module for autocast
+    from utils import UserError, atomic_write, first_line  # here, not at the top: utils imports this module for autocast
     if setting != "auto":
         return setting, "set by LAYOUT"
     path = os.path.join(os.path.dirname(os.path.abspath(folder)), REMEMBERED)
@@ -140,7 +141,7 @@ def choose_layout(setting, model_name, model_class, batch_size, device, amp, fol
         try:
             speeds[layout] = training_speed(model_class, layout, batch_size, device, amp)
         except RuntimeError as error:  # a device without a kernel for this layout: the other one it is
-            print(f"Note: {layout} fails here ({str(error).splitlines()[0] if str(error) else 'error'})")
+            print(f"Note: {layout} fails here ({first_line(error)})")
     if not speeds:
         raise UserError(f"{model_name} cannot train a step on {device} in any layout")
     fastest = max(speeds, key=speeds.get)

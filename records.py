@@ -275,12 +275,19 @@ ROBUSTNESS_HEADER = "family,strength,accuracy,standard_error"
 
 def write_robustness(path, curves, images):
     """robustness.csv: a row per family and strength, with the accuracy (%) and its standard error on `images`."""
+    keys = ROBUSTNESS_HEADER.split(",")
+    rows = [dict(zip(keys, (family, strength, f"{accuracy:.2f}", f"{standard_error(accuracy, images):.2f}")))
+            for family, points in curves.items() for strength, accuracy in points]
+    atomic_write(path, lambda f: f.write(csv_text(rows).encode()))
+
+
+def csv_text(rows):
+    """Rows (dicts with the same keys, in the columns' order) as the text of a CSV file with its header."""
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(ROBUSTNESS_HEADER.split(","))
-    writer.writerows([family, strength, f"{accuracy:.2f}", f"{standard_error(accuracy, images):.2f}"]
-                     for family, points in curves.items() for strength, accuracy in points)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def read_robustness(folder):

@@ -88,7 +88,7 @@ def robustness_curves(model, device, images, labels, amp=False, count=ROBUSTNESS
     """({family: [(strength, accuracy in %), ...]}, the number of images measured): the accuracy of `model` on the
     first `count` of `images` (uint8 [N, 28, 28]) under each family of FAMILIES at each of its strengths, the
     strengths in increasing order."""
-    images, labels = images[:count], labels[:count].cpu()
+    images, labels = images[:count].to(device), labels[:count].cpu()  # moved once, shifted anew for each strength
     model.eval()
     curves = {}
     progress = tqdm(total=sum(len(strengths) for _, strengths in FAMILIES.values()), desc="Robustness",
@@ -99,7 +99,7 @@ def robustness_curves(model, device, images, labels, amp=False, count=ROBUSTNESS
         for strength in strengths:
             correct = 0
             for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size].to(device).unsqueeze(1).float().div_(255)
+                batch = images[start:start + batch_size].unsqueeze(1).float().div_(255)
                 batch = transform(batch, strength).sub_(MNIST_MEAN).div_(MNIST_STD)
                 with torch.inference_mode(), autocast(device, amp):
                     predicted = model(batch).argmax(dim=1)
@@ -138,38 +138,32 @@ def solid_ink_share(digits):
 
 # ---- Calibration ----
 
-def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
-    """ECE: over equal-width bins of confidence (the top probability), the gap between each bin's accuracy and
-    its mean confidence, weighted by the share of samples in it. 0 for a perfectly calibrated model."""
-    confidence, predicted = probabilities.max(dim=1)
-    correct = predicted.eq(labels).double()
-    which = (confidence.double() * bins).long().clamp_(max=bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            ece += members.double().mean() * (correct[members].mean() - confidence[members].double().mean()).abs()
-    return float(ece)
-
-
 def reliability(probabilities, labels, bins=ECE_BINS):
-    """Per confidence bin: (mean confidence, accuracy, count), for a reliability diagram; None where empty."""
-    confidence, predicted = probabilities.max(dim=1)
+    """Per equal-width bin of confidence (the top probability): (mean confidence, accuracy, count), for a
+    reliability diagram and the ECE; None where the bin is empty."""
+    confidence, correct = _confidence_and_correct(probabilities, labels)
+    confidence, correct = confidence.double(), correct.double()
     which = (confidence * bins).long().clamp_(max=bins - 1)
     rows = []
     for b in range(bins):
         members = which == b
         count = int(members.sum())
-        rows.append((float(confidence[members].mean()), float(predicted[members].eq(labels[members]).double().mean()),
-                     count) if count else None)
+        rows.append((float(confidence[members].mean()), float(correct[members].mean()), count) if count else None)
     return rows
+
+
+def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
+    """ECE: over the bins of reliability(), the gap between each bin's accuracy and its mean confidence, weighted
+    by the share of samples in it. 0 for a perfectly calibrated model."""
+    rows = [row for row in reliability(probabilities, labels, bins) if row is not None]
+    return sum(count * abs(accuracy - confidence) for confidence, accuracy, count in rows) / len(labels)
 
 
 def fit_temperature(scores, labels):
     """The temperature T that minimises the negative log-likelihood of softmax(scores / T): a golden-section
     search over log T in [1/20, 20] (the likelihood has one minimum there). `scores`: logits or log-probabilities
     (the same softmax either way)."""
-    scores, labels = scores.double(), labels
+    scores = scores.double()
 
     def nll(log_t):
         return float(F.cross_entropy(scores / math.exp(log_t), labels))

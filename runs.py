@@ -1,10 +1,8 @@
 """A folder per run: its lock, its record (run.json) from start to end, what each epoch saves, what a stopped or
 failed run leaves and says, and --compare, which puts runs side by side.
 """
-import csv
 import datetime
 import hashlib
-import io
 import json
 import os
 import platform
@@ -31,7 +29,7 @@ import torchvision
 from figures import plot_comparison, plot_metrics, plot_robustness
 from hardware import device_name, precision_name
 from records import (CHECKPOINT, FINAL_MODEL, METRICS, PLOT, RECORD, RUN_FILES, TEXT, best_epoch, check_fields,
-                     load_checkpoint, read_history, read_record, read_robustness, rng_states, write_metrics)
+                     csv_text, load_checkpoint, read_history, read_record, read_robustness, rng_states, write_metrics)
 from settings import resume_command
 from utils import NonFiniteLoss, UserError, atomic_write
 
@@ -492,7 +490,7 @@ def compare(folders, out_dir):
                "finished": record["status"] == "finished"} for row, (_, record, history) in zip(rows, runs)]
     try:
         os.makedirs(out_dir, exist_ok=True)
-        atomic_write(csv_path, lambda f: f.write(_csv_text(rows).encode()))
+        atomic_write(csv_path, lambda f: f.write(csv_text(rows).encode()))
         if any(curve["history"] for curve in curves):
             plot_comparison(curves, png_path)
         else:
@@ -526,11 +524,3 @@ def _print_table(rows):
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
-
-
-def _csv_text(rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()

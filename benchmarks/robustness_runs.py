@@ -35,20 +35,12 @@ AUGMENTATION = {"on": [], "off": ["--rotation", "0"]}
 
 
 def letter(rng, size=200):
-    """A printed capital letter, black on white, in a scalable font where Pillow has one."""
+    """A printed capital letter, black on white, in Pillow's own font at 100-150 px."""
     image = Image.new("L", (size, size), 255)
-    draw = ImageDraw.Draw(image)
-    try:
-        font = ImageFont.load_default(size=rng.randint(100, 150))
-    except (TypeError, OSError):  # a Pillow without FreeType: its small bitmap font, scaled up
-        font = None
+    font = ImageFont.load_default(size=rng.randint(100, 150))
     text = rng.choice(string.ascii_uppercase)
-    if font is None:
-        small = Image.new("L", (12, 12), 255)
-        ImageDraw.Draw(small).text((2, 0), text, fill=0)
-        return small.resize((size, size))
-    draw.text((size / 2 + rng.randint(-15, 15), size / 2 + rng.randint(-15, 15)), text, fill=0, font=font,
-              anchor="mm")
+    ImageDraw.Draw(image).text((size / 2 + rng.randint(-15, 15), size / 2 + rng.randint(-15, 15)), text, fill=0,
+                               font=font, anchor="mm")
     return image
 
 

@@ -58,7 +58,7 @@ def original_path(hp, device, steps):
     batches = iter(loader)
     for step in range(WARMUP + steps):
         if step == WARMUP:
-            sync(device)
+            hardware.sync(device)
             start = time.perf_counter()
         data, target = next(batches)
         data, target = data.to(device), target.to(device)
@@ -67,7 +67,7 @@ def original_path(hp, device, steps):
         loss.backward()
         optimizer.step()
     loss.item()
-    sync(device)
+    hardware.sync(device)
     seconds = time.perf_counter() - start
     del batches  # stops the workers
     return steps * hp["BATCH_SIZE"] / seconds
@@ -103,12 +103,12 @@ def compute_floor(hp, device, amp, layout, steps, profile=False):
 
     for _ in range(WARMUP):
         step()
-    sync(device)
+    hardware.sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
     loss.item()
-    sync(device)
+    hardware.sync(device)
     speed = steps * hp["BATCH_SIZE"] / (time.perf_counter() - start)
     if not profile:
         return speed, None
@@ -117,7 +117,7 @@ def compute_floor(hp, device, amp, layout, steps, profile=False):
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(min(steps, 5)):
             step()
-        sync(device)
+        hardware.sync(device)
     return speed, profile_table(profiler)
 
 
@@ -142,11 +142,6 @@ def whole_epoch(hp, train_loader, test_loader, device, amp, layout):
     utils.train(model, device, train_loader, optimizer, F.nll_loss, scheduler, amp=amp)
     utils.test(model, device, test_loader, F.nll_loss, amp, verbose=False)
     return time.perf_counter() - start
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main():
