@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 from gradio.components.image_editor import EditorDataBlobs  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 from predict import CHECKPOINT_HELP, MAX_PIXELS, answer, classify, load_reader, open_image, too_large  # noqa: E402
-from images import to_mnist  # noqa: E402
-from hardware import pick_device  # noqa: E402
-from utils import UserError  # noqa: E402
+from machinery.errors import UserError  # noqa: E402
+from machinery.hardware import pick_device  # noqa: E402
+from machinery.images import to_mnist  # noqa: E402
 
 NOTHING_DRAWN = "Nothing drawn yet: draw a digit on the pad first."
 SHOWN_SCALE = 10  # the 28x28 image is shown 280x280, each pixel a sharp square rather than a browser-blurred one

@@ -3,7 +3,7 @@ draws every image's parameters from the settings in main_mnist.py's block and ap
 
 To add one: write a function of the batch below, add its setting to the block of main_mnist.py (it gets a flag,
 a line in run.json and a column in --compare by itself), and give it two lines in random_augment(): one that
-draws its parameters, one that applies them. README's "Changing it" walks through SHIFT, added this way.
+draws its parameters, one that applies them. docs/changing.md walks through SHIFT, added this way.
 """
 import torch
 import torch.nn.functional as F

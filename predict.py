@@ -5,25 +5,26 @@ on black, cropped to the ink, fitted to 20x20 and centred by mass in 28x28). Pri
 probabilities of each image, and draws predictions.png: each image as given, as the model saw it, and the ten
 probabilities. By default the model is the one of the newest finished run in OUT_DIR (main_mnist.py).
 """
-import argparse
-import os
-import signal
-import sys
-import warnings
+from machinery.errors import quiet_ctrl_c
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): a word, not the traceback of an import
-    signal.signal(signal.SIGINT, lambda *_: sys.exit("Stopped."))
+    quiet_ctrl_c()
+
+import argparse
+import os
+import sys
+import warnings
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import records
-from figures import SHOWN_SIZE, plot_predictions
-from images import mnist_batch, to_mnist
-from robustness import LEAST_SOLID_INK, solid_ink_share
+from machinery import records
+from machinery.errors import UserError, one_line
+from machinery.figures import SHOWN_SIZE, plot_predictions
+from machinery.hardware import pick_device
+from machinery.images import mnist_batch, to_mnist
+from machinery.robustness import LEAST_SOLID_INK, solid_ink_share
 from main_mnist import OUT_DIR
-from hardware import pick_device
-from utils import UserError
 
 MAX_SHOWN = 20  # images drawn in predictions.png; a taller figure would be too long to read
 # The most pixels an image may have, checked in the file's header before anything is decoded, by predict.py and
@@ -161,9 +162,7 @@ def main(argv=None):
             print(f"error: {error}", file=sys.stderr)
             failed += 1
         except Exception as error:  # a damaged file can fail deep in PIL or numpy: its own line, named by its type
-            detail = " ".join(str(error).split())
-            print(f"error: {path}: cannot be read ({type(error).__name__}{': ' + detail if detail else ''})",
-                  file=sys.stderr)
+            print(f"error: {path}: cannot be read ({one_line(error, with_type=True)})", file=sys.stderr)
             failed += 1
     if read:
         paths, images, digits = zip(*read)

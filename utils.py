@@ -1,7 +1,7 @@
-"""The original's functions (get_trainloader, get_testloader, GetCorrectPredCount, train, test, model_summary)
-with the rest of data and training: MNIST as tensors on the device, the loss that fits a model's output, the LR
-range test, and atomic_write, by which every file is written whole. (hardware.py chooses the device, the precision
-and the memory layout these run in.)
+"""The original's functions (get_trainloader, get_testloader, GetCorrectPredCount, train, test, model_summary,
+data_visualization) with the rest of data and training: MNIST as tensors on the device, their normalization, the
+loss that fits a model's output, and the checks that stop a run whose numbers stop being finite. (The machinery
+around them, which chooses the device and writes the run's files, is in machinery/.)
 """
 import contextlib
 import copy
@@ -9,34 +9,32 @@ import hashlib
 import io
 import math
 import os
-import secrets
 import socket
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torchsummary import summary
 from torchvision import datasets
 from tqdm import tqdm
 
 from augment import random_augment
-from hardware import LAYOUTS, autocast
-
-def first_line(error):
-    """The first line of an exception's message, or its type's name if it has none: what one-line messages quote."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-class UserError(Exception):
-    """A problem the person running the script can fix (a damaged data file, a bad checkpoint, ...).
-
-    main_mnist.py prints its message alone, without a traceback, and exits with a non-zero code."""
+from machinery.errors import NonFiniteLoss, UserError, one_line
+from machinery.files import save_figure
+from machinery.hardware import LAYOUTS, autocast, random_state_kept
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data: MNIST decoded once into uint8 tensors on the device, batched, augmented and normalized there.
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of MNIST's training pixels in [0, 1]; the original's Normalize
+
+
+def normalize(images):
+    """Images in [0, 1] (float, light digit on black) as the models take them: the original's
+    Normalize((MNIST_MEAN,), (MNIST_STD,)), into a new tensor. Training, testing, the robustness measures and
+    predict.py all go through this one function."""
+    return (images - MNIST_MEAN) / MNIST_STD
 
 
 DOWNLOAD_TIMEOUT_S = 15  # per connection: without one, a network that drops packets would hang the run for minutes
@@ -144,7 +142,7 @@ class MnistBatches:
     order and new augmentations. No worker processes and no host-to-device copies: MNIST is 55 MB as uint8."""
 
     def __init__(self, images, labels, batch_size, shuffle=False, augmentation=None, max_batches=None,
-                 layout="channels_last"):
+                 layout="contiguous"):
         self.images, self.labels = images, labels  # uint8 [N, 28, 28] and int64 [N], on the same device
         self.batch_size, self.shuffle, self.max_batches = batch_size, shuffle, max_batches
         self.augmentation = augmentation  # the settings random_augment() reads (ROTATION, ...), or None: none
@@ -156,7 +154,7 @@ class MnistBatches:
         return self._normalize(self.images[:count].unsqueeze(1).float().div_(255))
 
     def _normalize(self, images):
-        return images.sub_(MNIST_MEAN).div_(MNIST_STD).contiguous(memory_format=LAYOUTS[self.layout])
+        return normalize(images).contiguous(memory_format=LAYOUTS[self.layout])
 
     def __len__(self):
         batches = math.ceil(len(self.labels) / self.batch_size)
@@ -172,7 +170,7 @@ class MnistBatches:
             yield self._normalize(images), self.labels[index]
 
 
-def get_trainloader(data_dir, batch_size, device="cpu", max_batches=None, augmentation=None, layout="channels_last"):
+def get_trainloader(data_dir, batch_size, device="cpu", max_batches=None, augmentation=None, layout="contiguous"):
     """The training set, shuffled anew each epoch, as batches on `device` in `layout`; augmented anew each epoch
     too where `augmentation` gives the settings of augment.random_augment (main_mnist.py passes its settings)."""
     images, labels = load_mnist(data_dir, train=True)
@@ -180,7 +178,7 @@ def get_trainloader(data_dir, batch_size, device="cpu", max_batches=None, augmen
                         max_batches=max_batches, layout=layout)
 
 
-def get_testloader(data_dir, batch_size, device="cpu", max_batches=None, layout="channels_last"):
+def get_testloader(data_dir, batch_size, device="cpu", max_batches=None, layout="contiguous"):
     """The test set in its fixed order, normalized only, as batches on `device` in `layout`."""
     images, labels = load_mnist(data_dir, train=False)
     return MnistBatches(images.to(device), labels.to(device), batch_size, max_batches=max_batches, layout=layout)
@@ -188,10 +186,6 @@ def get_testloader(data_dir, batch_size, device="cpu", max_batches=None, layout=
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training and evaluation
-
-class NonFiniteLoss(ArithmeticError):
-    """The training loss became NaN or infinite: the weights are garbage from here on."""
-
 
 CLASSES = 10  # the ten digits: a model's forward returns [batch, CLASSES]
 
@@ -210,7 +204,7 @@ def loss_function(model, images):
             output = model(images)
     except RuntimeError as error:  # a layer that does not fit the input, typically
         raise UserError(f"the model's forward fails on a batch of shape {list(images.shape)}: "
-                        f"{first_line(error)}") from None
+                        f"{one_line(error)}") from None
     finally:
         model.train(was_training)
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != (len(images), CLASSES):
@@ -223,7 +217,24 @@ def loss_function(model, images):
                         "(F.log_softmax) or raw scores instead, so that the loss can be computed stably")
     is_log_probabilities = bool((output <= 0).all()) and torch.allclose(
         output.logsumexp(dim=1), torch.zeros(len(output)), atol=1e-3)
-    return F.nll_loss if is_log_probabilities else F.cross_entropy
+    criterion = F.nll_loss if is_log_probabilities else F.cross_entropy
+    print(f"Loss: F.{loss_name(criterion)} (the model returns "
+          f"{'log-probabilities' if is_log_probabilities else 'raw scores'})")
+    return criterion
+
+
+def loss_name(criterion):
+    """The name run.json gives a loss: a function's name (nll_loss), or its class's (CrossEntropyLoss)."""
+    return getattr(criterion, "__name__", type(criterion).__name__)
+
+
+def check_finite(what, value, model=None, where=""):
+    """NonFiniteLoss if a weight of `model` or the number `value` (`what` names it) is NaN or infinite: from there
+    on the run trains garbage, so it stops at once. `where` ends the message (" at batch 7")."""
+    if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteLoss(f"the weights became infinite or NaN{where}")
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"{what} became {value}{where}")
 
 
 def GetCorrectPredCount(pPrediction, pLabels):
@@ -259,8 +270,7 @@ def train(model, device, train_loader, optimizer, criterion, scheduler=None, amp
             seen += len(target)
             if batch_idx % sync_every == sync_every - 1 or batch_idx == len(pbar) - 1:
                 mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLoss(f"the training loss became {mean_loss} at batch {batch_idx + 1}")
+                check_finite("the training loss", mean_loss, where=f" at batch {batch_idx + 1}")
                 pbar.set_postfix_str(f"loss={mean_loss:.4f} accuracy={100 * correct.item() / seen:.2f}%")
     return loss_sum.item() / seen, 100 * correct.item() / seen
 
@@ -319,95 +329,23 @@ def model_summary(model, input_size=(1, 28, 28)):
     summary(copy.deepcopy(model).float().cpu(), input_size, device="cpu")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Learning-rate range test (Leslie Smith, "Cyclical Learning Rates for Training Neural Networks", 2017), run by
-# torch-lr-finder: the lr grows exponentially from far too small to far too large, one batch per step, while the
-# smoothed training loss is recorded; the test stops early once that loss exceeds 5 times its best (divergence).
-
-LR_RULE = "a tenth of the lr where the smoothed loss is lowest (fastai's 'minimum' rule)"
-
-
-def find_lr(model, optimizer, loader, criterion, device, amp, start_lr=1e-7, end_lr=10, num_iter=100):
-    """Runs the range test from start_lr to end_lr over num_iter batches of `loader` (restarted if it is shorter),
-    training `model` with `optimizer` (SGD with its momentum, say) under the same mixed precision as train().
-
-    The model's weights and buffers and the optimizer's state are restored afterwards, and the random number
-    generators too, so a run trains the same with or without a range test first. Call it before a scheduler is
-    attached to the optimizer (torch-lr-finder refuses one that has). Returns a dict: lrs and losses (the smoothed
-    loss after each step, up to divergence), suggested_lr and rule (how it was chosen), min_loss_lr (the lr of the
-    lowest smoothed loss) and steepest_lr (where the smoothed loss falls fastest)."""
-    # Imported here: torch-lr-finder imports pyplot and tqdm.autonotebook, which training does not need.
-    from torch_lr_finder import LRFinder, TrainDataLoaderIter
-
-    device = torch.device(device)
-    amp_config = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": amp}
-    # The loss in float32 from bfloat16 outputs, as train() computes it.
-    finder = LRFinder(model, optimizer, lambda output, target: criterion(output.float(), target), device,
-                      amp_backend="torch", amp_config=amp_config,
-                      grad_scaler=torch.amp.GradScaler(device.type, enabled=False))  # bfloat16 needs no scaling
-    was_training = model.training
-    on_cpu = device.type == "cpu"  # the CPU's generator is always forked; an accelerator's only if named
-    rng = torch.random.fork_rng(devices=[] if on_cpu else [device], device_type=device.type)
-    try:
-        with rng, contextlib.redirect_stdout(io.StringIO()):
-            # (stdout hidden: the library prints a fixed sentence at the end; its progress bar is on stderr)
-            # TrainDataLoaderIter takes any iterable of (inputs, labels), such as MnistBatches, and restarts it
-            # when it runs out; range_test accepts a DataLoader or one of these only.
-            finder.range_test(TrainDataLoaderIter(loader), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
-                              step_mode="exp", smooth_f=0.05, diverge_th=5)
-    finally:
-        finder.reset()
-        model.train(was_training)
-        optimizer.zero_grad(set_to_none=True)
-    return _suggest_lr(finder.history["lr"], finder.history["loss"], num_iter)
-
-
-def _suggest_lr(lrs, losses, num_iter):
-    """The result dict of find_lr from the test's lrs and smoothed losses.
-
-    The suggestion is a tenth of the lr at the lowest loss (LR_RULE). torch-lr-finder's own suggestion, the lr
-    where the loss falls fastest, is returned too (steepest_lr) but not used: the smoothed loss lags the raw one
-    by about 20 steps (smooth_f 0.05), so the curve falls fastest late, or even while it recovers from a spike:
-    on MNIST it pointed at lrs where Net's loss blows up. README ("A learning rate") gives what each rule said
-    for each model over 3 seeds, beside the lrs known to train them well."""
-    finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
-    lrs, losses = lrs[:finite], losses[:finite]  # a NaN loss never counts as diverged there: drop it and after
-    # Both libraries leave out the first tenth of the steps (noise around the initial loss) and the last 5 of 100
-    # (the blow-up) when they suggest an lr; the same fractions of shorter tests.
-    start, end = num_iter // 10, len(losses) - num_iter // 20
-    if end - start < 2:
-        raise ValueError(f"the range test diverged after {len(losses)} of {num_iter} steps, too few to suggest an "
-                         f"lr: lower end_lr or raise num_iter")
-    window = torch.tensor(losses[start:end], dtype=torch.float64)
-    lowest = start + int(window.argmin())
-    steepest = start + int(torch.gradient(window)[0].argmin())  # as torch-lr-finder's plot() computes it
-    return {"lrs": lrs, "losses": losses, "suggested_lr": lrs[lowest] / 10, "rule": LR_RULE,
-            "min_loss_lr": lrs[lowest], "steepest_lr": lrs[steepest]}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files: every one is written whole or not at all, so a kill at any moment leaves the last good one.
-
-def atomic_write(path, write):
-    """Writes `path` through write(binary_file), whole or not at all.
-
-    The content is made in memory first, then written to a temporary file of this writer's own (a unique name in
-    the same folder), fsynced and renamed over `path`: readers, a crash and a second process see the old file or
-    the whole new one, never a part. Made in memory, a full disk shows as the OSError it is (ENOSPC); torch.save
-    writing straight to a full disk fails with an unrelated RuntimeError."""
-    content = io.BytesIO()
-    write(content)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(content.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(error, OSError):
-            error.filename, error.filename2 = str(path), None  # the file the caller asked for, not our temporary one
-        raise
+def data_visualization(loader, path, count=32):
+    """A grid of up to `count` images of the loader's first batch, as the model receives them (so augmented, for
+    the training loader), un-normalized for display, each titled with its label, saved as a PNG at `path`.
+    Drawn with a copy of the random state, so that a run trains the same with this picture or without it.
+    Returns the Figure."""
+    with random_state_kept(loader.labels.device):
+        images, labels = next(iter(loader))
+    images = (images[:count, 0].float().cpu() * MNIST_STD + MNIST_MEAN).numpy()  # back to [0, 1]
+    columns = 8
+    rows = math.ceil(len(images) / columns)
+    fig = Figure(figsize=(1.4 * columns, 1.6 * rows + 0.5))
+    axs = fig.subplots(rows, columns, squeeze=False)
+    for ax in axs.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axs.flat, images, labels.tolist()):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)  # white on black, as the network sees the digits
+        ax.set_title(str(label))
+    fig.suptitle(f"{len(images)} augmented training images as the model receives them, with their labels")
+    save_figure(fig, path)
+    return fig

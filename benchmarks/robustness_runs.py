@@ -1,4 +1,4 @@
-"""What each model knows, and what augmentation buys: the runs behind README's robustness and calibration figures.
+"""What each model knows, and what augmentation buys: the runs behind docs/model-knows.md's robustness and calibration figures.
 
     python3 benchmarks/robustness_runs.py [--out-dir robustness-runs] [--net-epochs 20] [--compact-epochs 15] [--dry-run]
 
@@ -10,7 +10,7 @@ NON_DIGITS images made here that are not digits (printed capital letters, simple
 as a person's photo of paper would be) through predict.py's path, and the share it calls "not sure" is counted,
 beside the share of real test digits it calls "not sure" (the held-out halves of the calibration).
 
-A run whose folder already has its model.pt is not trained again. Prints a Markdown table for README.
+A run whose folder already has its model.pt is not trained again. Prints a Markdown table for docs/model-knows.md.
 """
 import argparse
 import json
@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import predict  # noqa: E402  (the repo root)
-import records  # noqa: E402
-from images import to_mnist  # noqa: E402
+from machinery import records  # noqa: E402
+from machinery.images import to_mnist  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -20,8 +20,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import records  # noqa: E402  (the repo root: metrics.csv as runs write it, and the best epoch)
-import runs  # noqa: E402  (the run folders' lock)
+from machinery import records  # noqa: E402  (the repo root: metrics.csv as runs write it, and the best epoch)
+from machinery import runs  # noqa: E402  (the run folders' lock)
 PRECISION_FLAGS = {"bfloat16": [], "float32": ["--no-amp"]}
 
 
@@ -59,7 +59,7 @@ def summary(history):
 
 
 def print_table(results):
-    """results: {(precision, seed): summary}. Markdown, ready for README."""
+    """results: {(precision, seed): summary}. Markdown, ready for docs/results.md."""
     print("| precision | seed | last 3 epochs (%) | final (%) | best (%) (epoch) | s per epoch (median) |")
     print("|---|---|---|---|---|---|")
     for (precision, seed), s in results.items():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision import datasets, transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hardware  # noqa: E402  (the repo root)
+from machinery import hardware  # noqa: E402  (the repo root)
 import main_mnist  # noqa: E402
 import utils  # noqa: E402
 from model import MODELS  # noqa: E402
@@ -37,7 +37,7 @@ def recipe(model_name):
 
 def new_model_and_optimizer(hp, device, layout):
     torch.manual_seed(0)
-    model = MODELS[hp["MODEL"]]().to(device, memory_format=hardware.LAYOUTS[layout])
+    model = main_mnist.build_model(hp).to(device, memory_format=hardware.LAYOUTS[layout])
     return model, main_mnist.build_optimizer(model, hp)
 
 

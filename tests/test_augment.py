@@ -39,7 +39,7 @@ def test_zoom_and_rotation_match_torchvisions_transforms(angle, crop):
 
 @pytest.mark.parametrize("offset", [(0, 0), (2, 0), (0, -2), (-1, 2), (2, 2), (-2, -1)])
 def test_shift_matches_torchvisions_affine_translation(offset):
-    # README's worked example of adding an augmentation: a random shift of up to 2 pixels each way.
+    # docs/changing.md's worked example of adding an augmentation: a random shift of up to 2 pixels each way.
     images = smooth_digits()
     expected = torch.stack([torchvision_transforms(image, 0.0, False, offset) for image in images])
     ours = augment.shift(images.float() / 255, torch.tensor([offset] * len(images)))

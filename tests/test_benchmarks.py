@@ -1,7 +1,7 @@
 import importlib.util
 import os
 
-import records
+from machinery import records
 
 from conftest import REPO
 

@@ -1,4 +1,4 @@
-"""The edits a learner makes (README, "Changing it"), each on a copy of the repo, run as a learner runs it.
+"""The edits a learner makes (docs/changing.md), each on a copy of the repo, run as a learner runs it.
 
 Each test copies the project's modules into a folder of its own, edits them there as a person would in an editor,
 and runs a one-batch dry run of main_mnist.py on the real MNIST files; the repo itself is never touched.
@@ -19,17 +19,23 @@ from PIL import Image, ImageDraw
 import main_mnist
 from conftest import REPO
 
+PACKAGE = "machinery"  # the folder of the machinery behind the learner's files
 DRY = ["--dry-run", "--epochs", "1", "--batch-size", "64", "--test-batch-size", "256"]
+
+
+def python_files():
+    """The project's Python files, relative to the repo: the learner's at the top, and the package's."""
+    return [os.path.join(folder, name) for folder in ("", PACKAGE) for name in sorted(os.listdir(os.path.join(REPO, folder)))
+            if name.endswith(".py")]
 
 
 @pytest.fixture
 def copy(tmp_path):
     """A copy of the project's modules (no git: its runs record a hash of these files)."""
     folder = tmp_path / "repo"
-    folder.mkdir()
-    for name in os.listdir(REPO):
-        if name.endswith(".py"):
-            shutil.copy(os.path.join(REPO, name), folder)
+    (folder / PACKAGE).mkdir(parents=True)
+    for name in python_files():
+        shutil.copy(os.path.join(REPO, name), folder / name)
     return folder
 
 
@@ -167,8 +173,8 @@ def test_the_modules_import_and_a_dry_run_works_without_posix_modules(copy, real
     if probe.returncode != 0:  # tqdm up to at least 4.60 reads the terminal's size through fcntl on Linux
         pytest.skip(f"this tqdm ({importlib.metadata.version('tqdm')}) cannot run on Linux without fcntl, so "
                     f"Windows cannot be stood in for here (on Windows, tqdm measures the console its own way)")
-    modules = "main_mnist, predict, runs, records, settings, figures, images, utils, augment, model"
-    modules += ", app" if importlib.util.find_spec("gradio") else ""
+    modules = ", ".join(name[:-3].replace(os.sep, ".") for name in python_files() if name != "app.py")
+    modules += ", app" if importlib.util.find_spec("gradio") else ""  # (app.py needs requirements-demo.txt)
     importing = subprocess.run([sys.executable, "-c", BLOCK_POSIX + f"\nimport {modules}"],
                                cwd=copy, capture_output=True, text=True, timeout=300)
     assert importing.returncode == 0, importing.stderr
@@ -202,12 +208,12 @@ _sys.modules["fcntl"] = None
 def test_the_windows_lock_names_the_other_process_and_ends_with_it(copy, tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", MSVCRT_STAND_IN + "\nimport runs, time\nassert runs.fcntl is None"
+    holder = subprocess.Popen([sys.executable, "-c", MSVCRT_STAND_IN + "\nfrom machinery import runs\nimport time\nassert runs.fcntl is None"
                                f"\nruns.lock_folder({str(folder)!r})\nprint('locked', flush=True)\ntime.sleep(300)"],
                               cwd=copy, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = MSVCRT_STAND_IN + f"\nimport runs\nruns.lock_folder({str(folder)!r})"
+        second = MSVCRT_STAND_IN + f"\nfrom machinery import runs\nruns.lock_folder({str(folder)!r})"
         refused = subprocess.run([sys.executable, "-c", second], cwd=copy, capture_output=True, text=True, timeout=60)
         assert f"is in use by another run (process {holder.pid})" in refused.stderr
     finally:
@@ -240,11 +246,11 @@ def declared(requirements_file):
 
 
 @pytest.mark.parametrize("files, requirements", [
-    ([name for name in os.listdir(REPO) if name.endswith(".py") and name != "app.py"], ["requirements.txt"]),
+    ([name for name in python_files() if name != "app.py"], ["requirements.txt"]),
     (["app.py"], ["requirements.txt", "requirements-demo.txt"]),
 ])
 def test_every_package_the_code_imports_is_in_its_requirements(files, requirements):
-    local = {name[:-3] for name in os.listdir(REPO) if name.endswith(".py")}
+    local = {name[:-3].split(os.sep)[0] for name in python_files()}
     distributions = importlib.metadata.packages_distributions()  # import name -> the distributions providing it
     wanted = set().union(*(declared(name) for name in requirements))
     for file in files:
@@ -254,9 +260,44 @@ def test_every_package_the_code_imports_is_in_its_requirements(files, requiremen
 
 
 def test_each_room_imports_only_what_its_purpose_needs():
-    assert not {"matplotlib", "PIL"} & imported_packages(os.path.join(REPO, "utils.py"))  # data and training only
-    assert "matplotlib" not in imported_packages(os.path.join(REPO, "images.py"))  # to_mnist draws nothing
-    for name in os.listdir(REPO):
-        if name.endswith(".py"):
-            with open(os.path.join(REPO, name), encoding="utf-8") as f:
-                assert len(f.readlines()) <= 550, f"{name} has grown past one room"
+    assert "PIL" not in imported_packages(os.path.join(REPO, "utils.py"))  # data and training: no image files
+    assert "matplotlib" not in imported_packages(os.path.join(REPO, PACKAGE, "images.py"))  # to_mnist draws nothing
+    for name in python_files():
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            assert len(f.readlines()) <= 550, f"{name} has grown past one room"
+
+
+def test_the_learners_files_stand_at_the_top_and_the_machinery_in_its_folder():
+    top = {name for name in python_files() if os.sep not in name}
+    assert top == {"main_mnist.py", "model.py", "utils.py", "augment.py", "predict.py", "app.py"}
+    for name in set(python_files()) - top:  # each file of the package says what its one job is
+        assert ast.get_docstring(ast.parse(open(os.path.join(REPO, name), encoding="utf-8").read())), name
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """The import graph of the project's own modules has no circle (a circle makes an edit's error name a
+    module that has nothing to do with it)."""
+    local = {name[:-3].replace(os.sep, "."): name for name in python_files()}
+    graph = {}
+    for module, name in local.items():
+        tree = ast.parse(open(os.path.join(REPO, name), encoding="utf-8").read())
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                edges |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[module] = edges & set(local)
+    visiting, done = [], set()
+
+    def visit(module):
+        assert module not in visiting, "import circle: " + " -> ".join(visiting[visiting.index(module):] + [module])
+        if module in done:
+            return
+        visiting.append(module)
+        for other in graph[module]:
+            visit(other)
+        visiting.pop()
+        done.add(module)
+    for module in graph:
+        visit(module)

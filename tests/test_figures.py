@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import figures
-import records
+from machinery import figures
+from machinery import records
 import utils
 from conftest import assert_png
 from test_utils import AUGMENTED, smooth_digits
-from utils import MnistBatches
+from utils import MnistBatches, data_visualization
 
 
 
@@ -237,7 +237,7 @@ def test_misclassified_shows_count_images_at_most(tmp_path):
 
 def test_data_visualization_shows_a_batch_as_the_model_gets_it_unnormalized_and_labelled(tmp_path):
     images, labels = smooth_digits(12)[:, 0], torch.arange(12) % 10
-    fig = figures.data_visualization(MnistBatches(images, labels, batch_size=12), tmp_path / "plain.png", count=10)
+    fig = data_visualization(MnistBatches(images, labels, batch_size=12), tmp_path / "plain.png", count=10)
     assert_png(tmp_path / "plain.png")
     shown = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title() for ax in shown] == [str(label) for label in labels[:10].tolist()]
@@ -245,7 +245,7 @@ def test_data_visualization_shows_a_batch_as_the_model_gets_it_unnormalized_and_
         assert np.allclose(ax.images[0].get_array(), image.numpy() / 255, atol=1e-6)  # normalization undone
 
     loader = MnistBatches(images, labels, batch_size=12, shuffle=True, augmentation=AUGMENTED)
-    fig = figures.data_visualization(loader, tmp_path / "augmented.png")
+    fig = data_visualization(loader, tmp_path / "augmented.png")
     assert_png(tmp_path / "augmented.png")
     pixels = np.stack([ax.images[0].get_array() for ax in fig.axes if ax.images])
     assert len(pixels) == 12 and -1e-6 < pixels.min() and pixels.max() < 1 + 1e-6
@@ -257,5 +257,5 @@ def test_drawing_the_samples_leaves_the_random_state_as_it_was(tmp_path):
                           augmentation=AUGMENTED)
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    figures.data_visualization(loader, tmp_path / "samples.png")
+    data_visualization(loader, tmp_path / "samples.png")
     assert torch.equal(torch.get_rng_state(), before)  # so a run trains the same with the picture or without it

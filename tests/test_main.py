@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import main_mnist
-import records
-import robustness
-import settings
+from machinery import records
+from machinery import robustness
+from machinery import settings
 import utils
 from conftest import REPO
 from model import CompactNet, Net
@@ -327,7 +327,7 @@ def test_missing_data_and_no_network_stop_the_script_within_seconds(tmp_path, no
 
 # ---- Real data ----
 
-# The original's recipe, as flags: what a test of it trains, whatever the block says now (README, "Changing it").
+# The original's recipe, as flags: what a test of it trains, whatever the block says now (docs/changing.md).
 ORIGINAL = ["--model", "Net", "--lr", "0.01", "--momentum", "0.9", "--no-nesterov", "--weight-decay", "0",
             "--schedule", "step", "--rotation", "15", "--crop-p", "0.1", "--crop-size", "22", "--shift", "0"]
 

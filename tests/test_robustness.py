@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-import robustness
+from machinery import records, robustness
 import utils
-from robustness import FAMILIES
+from machinery.robustness import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,12 @@ def test_each_family_at_its_first_strength_leaves_the_images_as_they_are(test_di
 
 
 def test_at_strength_0_each_family_gives_exactly_the_clean_accuracy(trained_model, test_digits):
-    import records
     _, model = records.load_model(trained_model, "cpu")
     images, labels = test_digits
     curves, count = robustness.robustness_curves(model, "cpu", images, labels)
     assert count == len(images)
     with torch.inference_mode():
-        batch = images.unsqueeze(1).float().div(255).sub(utils.MNIST_MEAN).div(utils.MNIST_STD)
+        batch = utils.normalize(images.unsqueeze(1).float().div(255))
         clean = 100 * float(model(batch).argmax(dim=1).eq(labels).double().mean())
     for family, points in curves.items():
         assert dict(points)[FAMILIES[family][1][0]] == clean, family

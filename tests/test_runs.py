@@ -11,10 +11,8 @@ import time
 import pytest
 import torch
 
-import hardware
 import main_mnist
-import runs
-import utils
+from machinery import compare, files, hardware, runs
 from model import MODELS
 from test_main import EXTENSIBLE, FAST, exit_message, read_metrics, run_script
 from conftest import REPO, assert_png
@@ -170,7 +168,7 @@ def test_concurrent_atomic_writes_use_temporary_files_of_their_own(tmp_path):
     def writer(content):
         try:
             for _ in range(20):
-                utils.atomic_write(path, lambda f: f.write(content))
+                files.atomic_write(path, lambda f: f.write(content))
         except Exception as error:  # a shared temporary name fails here with FileNotFoundError
             errors.append(error)
 
@@ -202,7 +200,7 @@ def fail_writes(monkeypatch, name, error_number, after=0):
             raise OSError(error_number, os.strerror(error_number))
         REAL_FSYNC(fd)
 
-    monkeypatch.setattr(utils.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "fsync", fsync)
 
 
 def test_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(tiny_mnist, tmp_path, monkeypatch):
@@ -213,7 +211,7 @@ def test_a_full_disk_gives_one_line_and_keeps_the_last_checkpoint(tiny_mnist, tm
                        f"The checkpoint of "
                        f"epoch 1 is kept in {out_dir / 'checkpoint.pt'}. Resume with: python3 main_mnist.py --resume "
                        f"{out_dir / 'checkpoint.pt'}")
-    monkeypatch.setattr(utils.os, "fsync", REAL_FSYNC)  # space again
+    monkeypatch.setattr(files.os, "fsync", REAL_FSYNC)  # space again
     checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
@@ -315,5 +313,5 @@ def test_compare_overlays_the_robustness_curves_of_the_evaluated_models(tiny_mni
     assert f"{evaluations[0]}: an evaluation; its robustness curves are drawn" in out
     assert f"Note: {evaluations[1] / 'robustness.csv'} is left out" in out
     assert "the robustness curves of 1 evaluated models" in out
-    assert_png(in_tmp / main_mnist.OUT_DIR / runs.ROBUSTNESS_COMPARISON)
+    assert_png(in_tmp / main_mnist.OUT_DIR / compare.ROBUSTNESS_COMPARISON)
     assert_png(in_tmp / main_mnist.OUT_DIR / "comparison.png")  # the training run is compared as before

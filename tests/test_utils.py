@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from torchvision import datasets
 from torch.utils.data import DataLoader, TensorDataset
 
-import figures
-import hardware
 import utils
+from machinery import figures, files, hardware, lr_finder
+from machinery.errors import NonFiniteLoss, UserError
 from conftest import assert_png
 from model import Net
-from utils import (GetCorrectPredCount, MnistBatches, UserError, NonFiniteLoss, get_testloader, get_trainloader,
+from utils import (GetCorrectPredCount, MnistBatches, get_testloader, get_trainloader,
                    load_mnist, model_summary)
 
 AUGMENTED = {"ROTATION": 15.0, "CROP_P": 0.5, "CROP_SIZE": 22, "SHIFT": 2}  # every kind on, whatever the block says
@@ -265,7 +265,7 @@ def test_find_lr_sweeps_exponentially_and_leaves_the_model_and_optimizer_as_they
     rng = torch.get_rng_state()
 
     amp = hardware.use_bfloat16("cpu", True)
-    result = utils.find_lr(model, optimizer, loader, F.nll_loss, "cpu", amp, start_lr=1e-5, end_lr=1, num_iter=20)
+    result = lr_finder.find_lr(model, optimizer, loader, F.nll_loss, "cpu", amp, start_lr=1e-5, end_lr=1, num_iter=20)
     lrs = torch.tensor(result["lrs"], dtype=torch.float64)
     assert lrs[0] == pytest.approx(1e-5) and len(lrs) <= 20
     assert torch.allclose(lrs[1:] / lrs[:-1], torch.tensor(10 ** (5 / 19), dtype=torch.float64))  # x 10^5 in 19 steps
@@ -292,11 +292,11 @@ def test_lr_suggestion_is_a_tenth_of_the_lowest_loss_and_ignores_what_follows_a_
     lrs = [10 ** (i / 10 - 5) for i in range(40)]
     losses = [2.0 - 0.03 * i if i < 25 else 1.25 + 0.2 * (i - 25) for i in range(40)]  # lowest at i = 25
     losses[30:] = [float("nan")] * 10
-    result = utils._suggest_lr(lrs, losses, num_iter=40)
+    result = lr_finder._suggest_lr(lrs, losses, num_iter=40)
     assert result["min_loss_lr"] == lrs[25] and result["suggested_lr"] == pytest.approx(lrs[25] / 10)
     assert result["lrs"] == lrs[:30] and result["losses"] == losses[:30]
     with pytest.raises(ValueError, match="diverged after 5 of 100 steps"):
-        utils._suggest_lr(lrs[:5], losses[:5], num_iter=100)
+        lr_finder._suggest_lr(lrs[:5], losses[:5], num_iter=100)
 
 
 def test_predict_returns_the_log_probabilities_and_the_labels():
@@ -327,6 +327,6 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        utils.atomic_write(path, fails_halfway)
+        files.atomic_write(path, fails_halfway)
     assert path.read_bytes() == b"good"
     assert os.listdir(tmp_path) == ["model.pt"]

@@ -1,5 +1,5 @@
-"""A folder per run: its lock, its record (run.json) from start to end, what each epoch saves, what a stopped or
-failed run leaves and says, and --compare, which puts runs side by side.
+"""A folder per run: its lock, its record (run.json) from start to end, what each epoch saves, and what a stopped
+or failed run leaves and says. (--compare, which reads the folders, is compare.py.)
 """
 import datetime
 import hashlib
@@ -26,22 +26,18 @@ except ImportError:
 import torch
 import torchvision
 
-from figures import plot_comparison, plot_metrics, plot_robustness
-from hardware import device_name, precision_name
-from records import (CHECKPOINT, FINAL_MODEL, METRICS, PLOT, RECORD, RUN_FILES, TEXT, best_epoch, check_fields,
-                     csv_text, load_checkpoint, read_history, read_record, read_robustness, rng_states, write_metrics)
-from settings import resume_command
-from utils import NonFiniteLoss, UserError, atomic_write
+from machinery.errors import NonFiniteLoss, UserError, one_line
+from machinery.figures import plot_metrics
+from machinery.files import atomic_write
+from machinery.hardware import device_name, precision_name
+from machinery.records import (CHECKPOINT, FINAL_MODEL, METRICS, PLOT, RECORD, RUN_FILES, best_epoch, load_checkpoint,
+                                read_record, rng_states, write_metrics)
+from machinery.settings import resume_command, resumed_settings, start as start_settings
+from utils import loss_name
 
 LOCK = ".lock"
 
 
-COMPARISON_PNG, COMPARISON_CSV = "comparison.png", "comparison.csv"
-ROBUSTNESS_COMPARISON = "robustness_comparison.png"  # the robustness curves of the evaluations among them
-
-
-# Settings that say where things are rather than how the model trains; --compare does not list them.
-PLACES = ["DATA_DIR", "OUT_DIR"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,6 +81,11 @@ def _open_lock_file(folder, flags):
     return fd, content.decode().strip()
 
 
+def unwritable(folder, error):
+    """The UserError of an output folder that cannot be made or written (the OSError `error` says why)."""
+    return UserError(f"cannot write to the output folder {folder}: {error.strerror or error}")
+
+
 def lock_folder(folder):
     """Holds an exclusive lock on `folder` for the rest of this process's life; UserError if another process has it.
 
@@ -94,7 +95,7 @@ def lock_folder(folder):
     try:
         fd, holder = _open_lock_file(folder, os.O_RDWR | os.O_CREAT)
     except OSError as error:
-        raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
+        raise unwritable(folder, error) from None
     if not _try_lock(fd):
         os.close(fd)
         raise UserError(f"{folder} is in use by another run (process {holder or 'unknown'}): wait for it to end, "
@@ -105,7 +106,7 @@ def lock_folder(folder):
         os.ftruncate(fd, len(f"{os.getpid()}\n"))  # a file of ours (checked above): the last holder's id goes
     except OSError as error:
         os.close(fd)
-        raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
+        raise unwritable(folder, error) from None
     _remove_orphans(folder)
     if fcntl is None and msvcrt is None:
         print(f"warning: this system has no file lock that Python can use; nothing stops a second run from "
@@ -160,7 +161,7 @@ def new_run_folder(parent, name):
             except FileExistsError:
                 continue
     except OSError as error:
-        raise UserError(f"cannot write to the output folder {parent}: {error.strerror}") from None
+        raise unwritable(parent, error) from None
     lock_folder(folder)
     return folder
 
@@ -170,7 +171,7 @@ def claim_folder(folder):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
-        raise UserError(f"cannot write to the output folder {folder}: {error.strerror}") from None
+        raise unwritable(folder, error) from None
     lock_folder(folder)
     present = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
     if not present:
@@ -189,6 +190,21 @@ def claim_folder(folder):
                     f"{resume_command(checkpoint_path, checkpoint.get('dry_run', False))}, or choose another --out-dir")
 
 
+def start(args, defaults, recipes):
+    """(settings, folder, checkpoint or None) of a training run: its settings printed, then its folder, locked
+    and printed: a new one (or --out-dir's), or for --resume the checkpoint's own."""
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        hp = resumed_settings(args, defaults, recipes, checkpoint)
+        folder = os.path.dirname(os.path.abspath(args.resume))
+        lock_folder(folder)
+    else:
+        checkpoint, hp = None, start_settings(args, defaults, recipes)
+        folder = open_run_folder(args, hp)
+    print(f"Run folder: {folder}")
+    return hp, folder, checkpoint
+
+
 def open_run_folder(args, hp, kind=""):
     """Where this run writes: --out-dir exactly if given, else a new folder under OUT_DIR named for its start and
     model (and `kind`, for what is not a training run). Locked either way."""
@@ -200,7 +216,14 @@ def open_run_folder(args, hp, kind=""):
 # ---------------------------------------------------------------------------------------------------------------
 # run.json: what a person reads to know what a run was and how it went. Rewritten whole at every change.
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder above machinery/
+
+
+def _source_files():
+    """The project's .py files, relative to REPO: those at the top and those in machinery/."""
+    return sorted(name for folder in ("", "machinery") for name in
+                  (os.path.join(folder, entry) for entry in os.listdir(os.path.join(REPO, folder)))
+                  if name.endswith(".py"))
 
 
 def _git(*args):
@@ -214,8 +237,8 @@ def _git(*args):
 
 def code_version():
     """Which code a run ran: {"commit", "uncommitted_changes", "changes_hash"} in a git checkout (the hash covers
-    the diff against the commit and any new .py file not yet added), else {"source_hash"} of the top-level .py
-    files. The hashes are short (12 hex digits): enough to tell two versions apart in --compare."""
+    the diff against the commit and any new .py file not yet added), else {"source_hash"} of the .py files at
+    the top and in machinery/. The hashes are short (12 hex digits): enough to tell two versions apart in --compare."""
     commit = _git("rev-parse", "HEAD")
     if commit is not None:
         diff = _git("diff", "HEAD", "--binary") or b""
@@ -227,9 +250,8 @@ def code_version():
         return {"commit": commit.decode().strip(), "uncommitted_changes": dirty,
                 "changes_hash": changes.hexdigest()[:12] if dirty else None}
     sources = hashlib.sha256()
-    for name in sorted(os.listdir(REPO)):  # the project's modules all stand at the top: no package folder
-        if name.endswith(".py"):
-            sources.update(name.encode() + b"\0" + _read_bytes(os.path.join(REPO, name)))
+    for name in _source_files():
+        sources.update(name.encode() + b"\0" + _read_bytes(os.path.join(REPO, name)))
     return {"source_hash": sources.hexdigest()[:12]}
 
 
@@ -264,7 +286,7 @@ def new_record(folder, hp, model, device, amp, argv, mode="train"):
     }
 
 
-def open_record(folder, checkpoint, hp, model, device, amp, args):
+def open_record(folder, checkpoint, hp, model, device, amp, args, criterion):
     """The run.json of a run starting now: a new one, or for a resumed run the one it had, brought up to its
     checkpoint (the truth, should run.json lag behind it: a killed run's does). A resumed run whose run.json is
     missing or damaged gets a new one, and says so."""
@@ -276,7 +298,7 @@ def open_record(folder, checkpoint, hp, model, device, amp, args):
             print(f"Note: {error}; a new {RECORD} is started")
     record = record or new_record(folder, hp, model, device, amp, args.argv)
     record.update(status="running", error=None, epochs_planned=hp["EPOCHS"], dry_run=args.dry_run,
-                  hyperparameters=hp)
+                  hyperparameters=hp, loss=loss_name(criterion))
     if checkpoint is not None:
         record_epochs(record, checkpoint["history"])
         print(f"Resuming {hp['MODEL']} from {args.resume} after epoch {checkpoint['epoch']}")
@@ -322,6 +344,26 @@ def stop_signals_handled():
 
 
 @contextmanager
+def script_ends_cleanly():
+    """How main_mnist.py ends whatever happens: a UserError as its one line and exit 1, Ctrl-C or SIGTERM before a
+    run started as a word and exit 130 (a run that was training says what it kept), a reader gone away (`| head`)
+    in silence; the folder locks let go either way."""
+    try:
+        with stop_signals_handled():
+            yield
+            sys.stdout.flush()  # here, so that a reader gone away is caught below, not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        print("Stopped.", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        release_locks()
+
+
+@contextmanager
 def uninterrupted():
     _signals["deferring"] = True
     try:
@@ -333,7 +375,15 @@ def uninterrupted():
             raise KeyboardInterrupt
 
 
-def save_epoch(folder, record, model, optimizer, scheduler, history, title):
+def keep_once(folder, name, draw):
+    """draw(path) of the file `name` in `folder` unless it is there: a resumed run keeps what it drew at its start."""
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        with uninterrupted():
+            draw(path)
+
+
+def save_epoch(folder, record, model, optimizer, scheduler, history):
     """After an epoch: the checkpoint, metrics.csv, the plot and run.json, each whole or not at all."""
     checkpoint = dict(hyperparameters=record["hyperparameters"], epoch=history[-1]["epoch"], model=model.state_dict(),
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history,
@@ -342,7 +392,8 @@ def save_epoch(folder, record, model, optimizer, scheduler, history, title):
         atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(checkpoint, f))
         record_epochs(record, history)  # only now: epochs_done is what the checkpoint on disk holds
         write_metrics(history, os.path.join(folder, METRICS))
-        plot_metrics(history, os.path.join(folder, PLOT), title, record["hyperparameters"]["SCHEDULE"])
+        plot_metrics(history, os.path.join(folder, PLOT), f"{os.path.basename(folder)}: {record['model']}",
+                     record["hyperparameters"]["SCHEDULE"])
         save_record(folder, record)
 
 
@@ -351,6 +402,15 @@ def save_model(folder, record, model):
         atomic_write(os.path.join(folder, FINAL_MODEL), lambda f: torch.save(model.state_dict(), f))
         record.update(status="finished", finished=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
         save_record(folder, record)
+    print(f"Final test accuracy {record['final_test_acc']:.2f}% (best {record['best_test_acc']:.2f}% at epoch "
+          f"{record['best_epoch']}); {record['seconds']:.0f} s of training and test")
+
+
+def print_saved(folder):
+    """The files a run saved, and how to compare it with the others."""
+    print("Saved: " + ", ".join(os.path.join(folder, name) for name in RUN_FILES
+                                if os.path.exists(os.path.join(folder, name))))
+    print(f"Run folder: {folder} (compare runs with: python3 main_mnist.py --compare)")
 
 
 @contextmanager
@@ -366,28 +426,22 @@ def run_ends_cleanly(folder, record, dry_run):
         print(f"\nStopped {_when(record)}. {_kept(folder, record, dry_run)}", file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss as error:
-        _mark(folder, record, "failed", _one_line(error))
+        _mark(folder, record, "failed", one_line(error, with_type=True))
         raise UserError(f"{error} {_when(record)}: the learning rate ({record['hyperparameters']['LR']}) is "
                         f"probably too high; try a lower --lr. {_kept(folder, record, dry_run, resume=False)}") from None
     except OSError as error:
-        _mark(folder, record, "failed", _one_line(error))
+        _mark(folder, record, "failed", one_line(error, with_type=True))
         name = error.filename or f"in {folder}"
         raise UserError(f"could not write {name} {_when(record)}: {error.strerror or error}. "
                         f"{_kept(folder, record, dry_run)}") from None
     except Exception as error:  # a bug, in code a learner changed say: its traceback follows, then what is kept
-        _mark(folder, record, "failed", _one_line(error))
+        _mark(folder, record, "failed", one_line(error, with_type=True))
         print(f"\nFailed {_when(record)} ({type(error).__name__}). {_kept(folder, record, dry_run)}", file=sys.stderr)
         raise
 
 
 def _when(record):
     return "after the last epoch" if record["status"] == "finished" else f"in epoch {record['epochs_done'] + 1}"
-
-
-def _one_line(error):
-    """An exception as run.json's "error" gives it: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _mark(folder, record, status, error):
@@ -410,117 +464,3 @@ def _kept(folder, record, dry_run, resume=True):
         return "No epoch's checkpoint is kept, so there is nothing to resume."
     kept = f"The checkpoint of epoch {record['epochs_done']} is kept in {checkpoint_path}."
     return kept + (f" Resume with: {resume_command(checkpoint_path, dry_run)}" if resume else "")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# --compare: runs side by side.
-
-def run_folders(parent):
-    """The folders directly under `parent` that hold a run's record, oldest first."""
-    try:
-        names = sorted(os.listdir(parent))
-    except OSError:
-        raise UserError(f"no runs to compare: cannot read {parent}") from None
-    return [os.path.join(parent, name) for name in names if os.path.exists(os.path.join(parent, name, RECORD))]
-
-
-def run_status(folder, record):
-    """The record's status, except that a 'running' run whose lock nobody holds was killed."""
-    if record["status"] == "running" and not is_locked(folder):
-        return "killed"
-    return record["status"]
-
-
-def compare(folders, out_dir):
-    """Prints a table of the runs in `folders` (default: every run in out_dir) and writes comparison.png and
-    comparison.csv into out_dir; the robustness curves of the evaluations (--eval-only) among them go on one
-    figure, robustness_comparison.png. A folder whose files cannot be read is skipped with a line that says why;
-    the others are still compared. Returns the rows of the table."""
-    folders = folders or run_folders(out_dir)
-    runs, robustness = [], {}
-    for folder in folders:
-        try:
-            record = read_record(folder)
-            curves = read_robustness(folder) if record["mode"] == "eval-only" else None
-            if curves:
-                trained = os.path.basename(os.path.dirname(os.path.abspath(str(record.get("checkpoint", folder)))))
-                robustness[f"{trained} ({record['model']})"] = curves
-            if record["mode"] != "train":
-                print(f"{folder}: an evaluation; its robustness curves are drawn" if curves else
-                      f"skipped {folder}: {record['mode']}, not a training run")
-                continue
-            check_fields(record["hyperparameters"], {"MODEL": TEXT}, os.path.join(folder, RECORD))
-            runs.append((folder, record, read_history(folder)))
-        except UserError as error:
-            print(f"skipped {folder}: {error}")
-    if robustness:
-        compare_robustness(robustness, out_dir)
-    if not runs:
-        if robustness:
-            return []
-        raise UserError(f"no runs to compare in {', '.join(folders) if folders else out_dir}")
-    all_settings = [record["hyperparameters"] for _, record, _ in runs]
-    # Settings that differ get a column each; EPOCHS has one anyway ("epochs": done/planned).
-    differ = [name for name in all_settings[0] if name not in PLACES and name != "EPOCHS"
-              and len({json.dumps(hp.get(name)) for hp in all_settings}) > 1]
-    codes = [code_label(record.get("code")) for _, record, _ in runs]
-    code_differs = len(set(codes)) > 1
-    rows = []
-    for (folder, record, history), code in zip(runs, codes):
-        status = run_status(folder, record)
-        rows.append({
-            "run": os.path.basename(os.path.normpath(folder)), "model": record["model"],
-            **{name.lower(): record["hyperparameters"].get(name) for name in differ},
-            **({"code": code} if code_differs else {}),
-            "epochs": f"{record['epochs_done']}/{record['epochs_planned']}",
-            "status": status + ("" if status == "finished" else " *"),
-            "final_acc": _percent(record["final_test_acc"]), "best_acc": _percent(record["best_test_acc"]),
-            "best_epoch": record["best_epoch"] or "", "seconds": round(record["seconds"]),
-        })
-    try:
-        _print_table(rows)
-        if any(row["status"].endswith("*") for row in rows):
-            print("* unfinished: still running, stopped, failed or killed")
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader stopped reading (`| head`): the files are still written
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    csv_path, png_path = os.path.join(out_dir, COMPARISON_CSV), os.path.join(out_dir, COMPARISON_PNG)
-    shown = [name.lower() for name in differ] + (["code"] if code_differs else [])
-    curves = [{"label": row["run"] + "".join(f", {name}={row[name]}" for name in shown), "history": history,
-               "finished": record["status"] == "finished"} for row, (_, record, history) in zip(rows, runs)]
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write(csv_path, lambda f: f.write(csv_text(rows).encode()))
-        if any(curve["history"] for curve in curves):
-            plot_comparison(curves, png_path)
-        else:
-            png_path = None
-            print("No run has a finished epoch yet: no curves to draw.")
-    except OSError as error:
-        raise UserError(f"could not write {error.filename or out_dir}: {error.strerror or error}. The table above "
-                        f"is complete; to save it, choose a folder you can write with --out-dir DIR") from None
-    print(f"Saved: {png_path + ', ' if png_path else ''}{csv_path}")
-    return rows
-
-
-def compare_robustness(curves, out_dir):
-    """The robustness curves {label: curves} of several evaluations on one figure, in out_dir."""
-    path = os.path.join(out_dir, ROBUSTNESS_COMPARISON)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        plot_robustness(curves, path, images=None)
-    except OSError as error:
-        raise UserError(f"could not write {error.filename or path}: {error.strerror or error}") from None
-    print(f"Saved: {path} (the robustness curves of {len(curves)} evaluated models)")
-
-
-def _percent(value):
-    return "" if value is None else f"{value:.2f}"
-
-
-def _print_table(rows):
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(row[c])) for row in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))

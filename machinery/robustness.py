@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import resample, rotate, shift
-from hardware import autocast
-from utils import MNIST_MEAN, MNIST_STD
+from machinery.hardware import autocast
+from utils import normalize
 
 ROBUSTNESS_IMAGES = 2000  # test images each curve point is measured on: its standard error is under 1 point of accuracy
 ECE_BINS = 15             # confidence bins of the expected calibration error, as Guo et al. (2017)
@@ -100,7 +100,7 @@ def robustness_curves(model, device, images, labels, amp=False, count=ROBUSTNESS
             correct = 0
             for start in range(0, len(images), batch_size):
                 batch = images[start:start + batch_size].unsqueeze(1).float().div_(255)
-                batch = transform(batch, strength).sub_(MNIST_MEAN).div_(MNIST_STD)
+                batch = normalize(transform(batch, strength))
                 with torch.inference_mode(), autocast(device, amp):
                     predicted = model(batch).argmax(dim=1)
                 correct += int((predicted.cpu() == labels[start:start + batch_size]).sum())

@@ -10,9 +10,10 @@ import random
 
 import torch
 
+from machinery.errors import UserError, one_line
+from machinery.files import atomic_write
+from machinery.robustness import standard_error
 from model import MODELS
-from robustness import standard_error
-from utils import UserError, atomic_write, first_line
 
 # The files of a run folder. Any of RUN_FILES in a folder means a run wrote there, and no other run may.
 RECORD, CHECKPOINT, METRICS, PLOT, FINAL_MODEL = "run.json", "checkpoint.pt", "metrics.csv", "accuracy_loss.png", "model.pt"
@@ -34,7 +35,7 @@ METRICS_HEADER = "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds"
 # ---------------------------------------------------------------------------------------------------------------
 # Records as they are read back, from this version, an older one or a hand's edit: one check per kind of file.
 
-NUMBER, WHOLE, TEXT, MAPPING, ROWS = "a number", "a whole number", "a text", "a mapping", "a list"
+NUMBER, WHOLE, TEXT, MAPPING, ROWS, FLAG = "a number", "a whole number", "a text", "a mapping", "a list", "true or false"
 
 
 RECORD_FIELDS = {"mode": TEXT, "status": TEXT, "model": TEXT, "hyperparameters": MAPPING, "epochs_done": WHOLE,
@@ -43,7 +44,7 @@ RECORD_FIELDS = {"mode": TEXT, "status": TEXT, "model": TEXT, "hyperparameters":
 
 
 CHECKPOINT_FIELDS = {"hyperparameters": MAPPING, "epoch": WHOLE, "model": MAPPING, "optimizer": MAPPING,
-                     "scheduler": MAPPING, "history": ROWS}
+                     "scheduler": MAPPING, "history": ROWS, "rng": MAPPING, "dry_run": FLAG}
 
 
 LARGEST = float(torch.finfo(torch.float32).max)  # no metric of a float32 training is larger; a figure can draw it
@@ -55,7 +56,7 @@ def _is(value, kind):
     if kind in (NUMBER, WHOLE):
         whole = isinstance(value, int) and not isinstance(value, bool)
         return whole or (kind == NUMBER and isinstance(value, float) and abs(value) <= LARGEST)
-    return isinstance(value, {TEXT: str, MAPPING: dict, ROWS: list}[kind])
+    return isinstance(value, {TEXT: str, MAPPING: dict, ROWS: list, FLAG: bool}[kind])
 
 
 def check_fields(data, fields, what):
@@ -205,23 +206,14 @@ def restore(checkpoint, model, optimizer, scheduler):
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError) as error:
         raise UserError(f"the checkpoint's weights do not fit {name} as model.py defines it now (changed since the "
-                        f"run began?): {first_line(error)}") from None
+                        f"run began?): {one_line(error)}") from None
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        batches = getattr(scheduler, "step_size", None)  # StepLR: the batches between drops, as built now
         scheduler.load_state_dict(checkpoint["scheduler"])
-        if batches and scheduler.step_size != batches:  # an older version's StepLR counted epochs, not batches
-            per_epoch = batches // scheduler.step_size
-            scheduler.step_size, scheduler.last_epoch = batches, scheduler.last_epoch * per_epoch
-            scheduler._step_count = scheduler.last_epoch + 1
-        if "rng" in checkpoint:
-            set_rng_states(checkpoint["rng"])
-        else:
-            print("Note: the checkpoint holds no random state (an older version's): the run goes on, not exactly "
-                  "as an uninterrupted one would")
+        set_rng_states(checkpoint["rng"])
     except (ValueError, KeyError, TypeError, RuntimeError) as error:
         raise UserError(f"the checkpoint's optimizer, schedule or random state cannot be restored "
-                        f"({type(error).__name__}: {str(error).strip()[:200]})") from None
+                        f"({one_line(error, with_type=True)})") from None
     return checkpoint["history"]
 
 
@@ -255,7 +247,7 @@ def load_model(path, device, model_name=None):
     for candidate in candidates:
         model = MODELS[candidate]()
         if _fits(model, state_dict):
-            return candidate, model.to(device, memory_format=torch.channels_last).eval()
+            return candidate, model.to(device).eval()
     fits = [other for other in MODELS if other not in candidates and _fits(MODELS[other](), state_dict)]
     hint = f"; it fits --model {fits[0]}" if fits else ""
     raise UserError(f"{path} does not hold weights of {' or '.join(candidates)}{hint}")

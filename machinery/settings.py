@@ -3,25 +3,28 @@ comment as help, the models' recipes, the check of every value, the settings a r
 resumed run.
 """
 import argparse
+import inspect
 import re
 import shlex
 import sys
 import textwrap
 import tokenize
 
-from hardware import LAYOUT_CHOICES
+from machinery.errors import UserError
+from machinery.hardware import LAYOUT_CHOICES
 from model import MODELS
-from utils import UserError
 
 # The valid choices of the settings that have a fixed list of them; --help shows them, check_settings enforces them.
 CHOICES = {"MODEL": list(MODELS), "SCHEDULE": ["step", "onecycle"], "LAYOUT": LAYOUT_CHOICES}
 
-# What a run started before a setting existed used, where that differs from what the block now says by default.
-BEFORE_THE_SETTING = {"LAYOUT": "channels_last"}
-
-
 # What may change when a run resumes: the optimizer and the schedule come back from the checkpoint as they were.
 RESUMABLE = ["EPOCHS", "DATA_DIR"]
+
+
+def model_arguments(model_class, hp):
+    """{argument: value} for each argument of model_class's constructor named like a setting (dropout: DROPOUT):
+    how a setting added to the block reaches the model, wherever one is built."""
+    return {name: hp[name.upper()] for name in inspect.signature(model_class).parameters if name.upper() in hp}
 
 
 def flag_name(name):
@@ -54,7 +57,8 @@ def parse_args(argv, defaults, recipes, helps):
                      allow_abbrev=False,  # --epoch is a typo, not --epochs
                      epilog=f"recipes applied by --model (flags given still win):\n{recipe_lines}")
     for name, default in defaults.items():
-        kwargs = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
+        kwargs = ({"action": argparse.BooleanOptionalAction} if isinstance(default, bool)
+                  else {"type": parse_number} if isinstance(default, (int, float)) else {"type": str})
         if name in CHOICES:
             kwargs["metavar"] = "{" + ",".join(CHOICES[name]) + "}"
         in_recipes = "".join(f"; {model}: {recipe[name]}" for model, recipe in recipes.items() if name in recipe)
@@ -84,6 +88,13 @@ def parse_args(argv, defaults, recipes, helps):
     return args
 
 
+def parse_number(text):
+    """A number flag's value: a whole number where the text is one, else a float, whatever type the block's value
+    has (CROP_P = 0 in the block still takes --crop-p 0.3); check_settings says where a whole number is needed."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+
+
 def flags_given(args, defaults):
     return {name: getattr(args, name) for name in defaults if hasattr(args, name)}
 
@@ -93,6 +104,13 @@ def resolve(args, defaults, recipes):
     other flags. A model chosen in the block gets no recipe: what the block says is what runs."""
     given = flags_given(args, defaults)
     return {**defaults, **recipes.get(given.get("MODEL"), {}), **given}
+
+
+def start(args, defaults, recipes):
+    """The settings of a run that starts now (resolve), printed (print_settings)."""
+    hp = resolve(args, defaults, recipes)
+    print_settings(hp, args, defaults, recipes)
+    return hp
 
 
 def print_settings(hp, args, defaults, recipes, resumed=False):
@@ -159,8 +177,9 @@ def check_settings(hp):
             raise UserError(f"{name} ({flag_name(name)}) {requirement}, not {hp[name]!r}")
 
 
-def resumed_settings(args, defaults, checkpoint):
-    """The settings of the run --resume continues: the checkpoint's, with only RESUMABLE ones changed by flags."""
+def resumed_settings(args, defaults, recipes, checkpoint):
+    """The settings of the run --resume continues, printed: the checkpoint's, with only RESUMABLE ones changed by
+    flags."""
     saved = checkpoint["hyperparameters"]
     given = flags_given(args, defaults)
     if "MODEL" in given and given["MODEL"] != saved["MODEL"]:
@@ -171,20 +190,21 @@ def resumed_settings(args, defaults, checkpoint):
     if fixed:
         raise UserError(f"a resumed run keeps its hyperparameters; only {', '.join(map(flag_name, RESUMABLE))} "
                         f"may change, not {', '.join(fixed)}")
-    started_dry = checkpoint.get("dry_run", args.dry_run)  # (older versions did not save it)
+    started_dry = checkpoint["dry_run"]
     if started_dry != args.dry_run:
         raise UserError(f"this run was started {'with' if started_dry else 'without'} --dry-run, and goes on so: "
                         f"{resume_command(args.resume, started_dry)}")
-    predates = [name for name in defaults if name not in saved and name not in BEFORE_THE_SETTING]
+    predates = [name for name in defaults if name not in saved]
     if predates:  # added to the block after the run began
         print(f"Note: {args.resume} predates the settings {', '.join(predates)}: the block's values are used")
-    hp = {**defaults, **BEFORE_THE_SETTING, **saved, **given}
+    hp = {**defaults, **saved, **given}
     check_settings(hp)
     if hp["EPOCHS"] <= checkpoint["epoch"]:
         raise UserError(f"{args.resume} ends at epoch {checkpoint['epoch']}, so there is nothing left to train: "
                         f"add --epochs N with N above {checkpoint['epoch']} to train further")
     if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != saved["EPOCHS"]:
         raise UserError("a onecycle run's length is fixed when it starts: resume it without --epochs")
+    print_settings(hp, args, defaults, recipes, resumed=True)
     return hp
 
 

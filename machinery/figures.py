@@ -1,6 +1,6 @@
-"""Every figure: the accuracy/loss curves of a run, the comparison of runs, the training samples, the LR range
-test, the confusion matrix, the misclassified digits, predict.py's predictions, a model's robustness curves and
-its reliability diagram. Each is saved whole or not at all (utils.atomic_write).
+"""Every figure but the original's data_visualization (utils.py): the accuracy/loss curves of a run, the
+comparison of runs, the LR range test, the confusion matrix, the misclassified digits, predict.py's predictions, a
+model's robustness curves and its reliability diagram. Each is saved whole or not at all (files.save_figure).
 """
 import itertools
 import math
@@ -11,11 +11,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-from records import best_epoch
-from utils import MNIST_MEAN, MNIST_STD, atomic_write
-
-def save_figure(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+from machinery.files import save_figure
+from machinery.records import best_epoch
 
 
 # Curves. Accuracies are drawn as error rates (100 - accuracy) on an inverted log axis labelled in accuracy: going
@@ -141,28 +138,6 @@ def lr_events(history, schedule=None):
         return [(peak["epoch"], f"lr peak {peak['lr']:.3g} at epoch {peak['epoch']}")] if past else []
     return [(history[i]["epoch"] - 0.5, f"lr {lrs[i - 1]:.3g} → {lrs[i]:.3g} from epoch {history[i]['epoch']}")
             for i in changes]
-
-
-def data_visualization(loader, path, count=32):
-    """A grid of up to `count` images of the loader's first batch, as the model receives them (so augmented, for
-    the training loader), un-normalized for display, each titled with its label. Returns the Figure."""
-    device = loader.labels.device
-    # Drawn with a copy of the random state, so that a run trains the same with this picture or without it.
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-        images, labels = next(iter(loader))
-    images = (images[:count, 0].float().cpu() * MNIST_STD + MNIST_MEAN).numpy()  # back to [0, 1]
-    columns = 8
-    rows = math.ceil(len(images) / columns)
-    fig = Figure(figsize=(1.4 * columns, 1.6 * rows + 0.5))
-    axs = fig.subplots(rows, columns, squeeze=False)
-    for ax in axs.flat:
-        ax.axis("off")
-    for ax, image, label in zip(axs.flat, images, labels.tolist()):
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1)  # white on black, as the network sees the digits
-        ax.set_title(str(label))
-    fig.suptitle(f"{len(images)} augmented training images as the model receives them, with their labels")
-    save_figure(fig, path)
-    return fig
 
 
 def plot_metrics(history, path, title="", schedule=None):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from utils import MNIST_MEAN, MNIST_STD, UserError
+from machinery.errors import UserError
+from utils import normalize
 
 DIGIT_BOX = 20  # MNIST's digits fit a 20x20 box: every one of the 60,000 training digits does
 
@@ -125,4 +126,4 @@ def to_mnist(image, name="the image"):
 def mnist_batch(digits):
     """The model's input from to_mnist's 28x28 images ([28, 28] or [N, 28, 28]): [N, 1, 28, 28], normalized as
     in training."""
-    return ((digits - MNIST_MEAN) / MNIST_STD).reshape(-1, 1, 28, 28)
+    return normalize(digits).reshape(-1, 1, 28, 28)

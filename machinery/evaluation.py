@@ -1,0 +1,71 @@
+"""What a trained model is scored on beyond its accuracy: the report on the test set at the end of every run
+(per-class accuracy, the misclassified digits, the confusion matrix, the calibration), and --eval-only, which
+scores a saved model in a folder of its own, robustness curves included.
+"""
+import os
+
+from machinery import records, robustness, runs, settings
+from machinery.figures import plot_confusion_matrix, plot_misclassified, plot_reliability, plot_robustness
+from machinery.hardware import LAYOUTS, choose_precision_and_layout
+from utils import confusion_matrix, get_testloader, loss_function, loss_name, per_class_accuracy, predict, test
+
+
+def report_test_set(model, device, test_loader, amp, folder):
+    """Per-class accuracy and the calibration on the console; the misclassified grid, the confusion matrix and the
+    reliability diagram as figures. Returns the calibration (robustness.calibrate) for run.json."""
+    log_probabilities, labels = predict(model, device, test_loader, amp)
+    probabilities = log_probabilities.exp()
+    matrix = confusion_matrix(probabilities.argmax(dim=1), labels)
+    accuracies = per_class_accuracy(matrix)
+    print("Per-class test accuracy: " + "  ".join(f"{digit}: {acc:.2f}%" for digit, acc in enumerate(accuracies)))
+    calibration = robustness.calibrate(log_probabilities, labels)
+    print(f"Calibration: expected calibration error {100 * calibration['ece_before']:.2f}% as trained, "
+          f"{100 * calibration['ece_after']:.2f}% at temperature {calibration['temperature']:.2f}; \"not sure\" "
+          f"below {100 * calibration['threshold']:.1f}% confidence, which answers "
+          f"{100 * calibration['answered']:.1f}% of the test digits, {100 * calibration['answered_error']:.2f}% "
+          f"of them wrongly (each half of the test set scored with the other half's fit)")
+    scaled = (log_probabilities / calibration["temperature"]).softmax(dim=1)
+    with runs.uninterrupted():
+        plot_misclassified(test_loader.images, probabilities, labels, os.path.join(folder, records.MISCLASSIFIED))
+        plot_confusion_matrix(matrix, os.path.join(folder, records.CONFUSION))
+        plot_reliability(robustness.reliability(probabilities, labels), robustness.reliability(scaled, labels),
+                         os.path.join(folder, records.RELIABILITY), calibration["ece_before"],
+                         calibration["ece_after"], calibration["temperature"])
+    return calibration
+
+
+def report_robustness(model, device, test_loader, amp, folder, record, dry_run):
+    """The model's accuracy under each family of shifts (robustness.py) on the first test images (100 in a dry
+    run): robustness.csv, robustness.png, and their mean in run.json."""
+    curves, images = robustness.robustness_curves(model, device, test_loader.images, test_loader.labels, amp,
+                                                  count=100 if dry_run else robustness.ROBUSTNESS_IMAGES)
+    mean = robustness.mean_accuracy(curves)
+    record.update(robustness_mean=mean, robustness_images=images)
+    with runs.uninterrupted():
+        records.write_robustness(os.path.join(folder, records.ROBUSTNESS_CSV), curves, images)
+        plot_robustness({f"{os.path.basename(folder)}: {record['model']}": curves},
+                        os.path.join(folder, records.ROBUSTNESS_PLOT), images)
+    print(f"Robustness: accuracy {mean:.1f}% under shifts, the mean over {len(curves)} families of "
+          f"{images:,} shifted test images (a point's standard error is at most "
+          f"{robustness.standard_error(50, images):.1f} points); each family's curve in {records.ROBUSTNESS_CSV}")
+
+
+def evaluate_only(args, device, defaults, recipes):
+    """Scores a saved model on the test set, into a folder of its own: nothing a training run made is touched."""
+    hp = settings.start(args, defaults, recipes)
+    model_name, model = records.load_model(args.checkpoint, device, hp["MODEL"] if hasattr(args, "MODEL") else None)
+    hp["MODEL"] = model_name
+    folder = runs.open_run_folder(args, hp, kind="eval")
+    amp = choose_precision_and_layout(hp, device, folder, lambda: model, timing=False)  # a test pass gains nothing
+    model.to(memory_format=LAYOUTS[hp["LAYOUT"]])
+    test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device,
+                                 max_batches=1 if args.dry_run else None, layout=hp["LAYOUT"])
+    print(f"Evaluating {model_name} from {args.checkpoint} on {device}; figures go to {folder}")
+    record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="eval-only")
+    criterion = loss_function(model, test_loader.sample())
+    record.update(checkpoint=os.path.abspath(args.checkpoint), epochs_planned=0, loss=loss_name(criterion))
+    _, record["final_test_acc"] = test(model, device, test_loader, criterion, amp)
+    record["calibration"] = report_test_set(model, device, test_loader, amp, folder)
+    report_robustness(model, device, test_loader, amp, folder, record, args.dry_run)
+    record["status"] = "finished"
+    runs.save_record(folder, record)
