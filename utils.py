@@ -13,6 +13,8 @@ import socket
 
 import torch
 import torch.nn.functional as F
+import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torchsummary import summary
 from torchvision import datasets
@@ -329,6 +331,21 @@ def model_summary(model, input_size=(1, 28, 28)):
     summary(copy.deepcopy(model).float().cpu(), input_size, device="cpu")
 
 
+def image_grid(images, columns, gap=12):
+    """uint8 or float images [N, H, W] laid out `columns` to a row with `gap` pixels between them (and room above
+    each for a title), as one float array, NaN in the gaps: drawn as a single picture, which is ten times faster
+    than an axes per image. Returns (mosaic, [(x, y) of the top-centre of each image])."""
+    count, height, width = images.shape
+    rows = max(1, math.ceil(count / columns))
+    mosaic = np.full((rows * (height + gap) + gap, columns * (width + gap) - gap), np.nan, dtype=np.float32)
+    places = []
+    for index, image in enumerate(images):
+        top, left = gap + (index // columns) * (height + gap), (index % columns) * (width + gap)
+        mosaic[top:top + height, left:left + width] = image.float().cpu().numpy()
+        places.append((left + width / 2, top))
+    return mosaic, places
+
+
 def data_visualization(loader, path, count=32):
     """A grid of up to `count` images of the loader's first batch, as the model receives them (so augmented, for
     the training loader), un-normalized for display, each titled with its label, saved as a PNG at `path`.
@@ -336,16 +353,15 @@ def data_visualization(loader, path, count=32):
     Returns the Figure."""
     with random_state_kept(loader.labels.device):
         images, labels = next(iter(loader))
-    images = (images[:count, 0].float().cpu() * MNIST_STD + MNIST_MEAN).numpy()  # back to [0, 1]
+    images = images[:count, 0].float().cpu() * MNIST_STD + MNIST_MEAN  # back to [0, 1]
     columns = 8
-    rows = math.ceil(len(images) / columns)
-    fig = Figure(figsize=(1.4 * columns, 1.6 * rows + 0.5))
-    axs = fig.subplots(rows, columns, squeeze=False)
-    for ax in axs.flat:
-        ax.axis("off")
-    for ax, image, label in zip(axs.flat, images, labels.tolist()):
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1)  # white on black, as the network sees the digits
-        ax.set_title(str(label))
-    fig.suptitle(f"{len(images)} augmented training images as the model receives them, with their labels")
+    fig = Figure(figsize=(1.4 * columns, 1.6 * math.ceil(len(images) / columns) + 0.5))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    mosaic, places = image_grid(images, columns)
+    ax.imshow(mosaic, cmap=colormaps["gray"].with_extremes(bad="white"), vmin=0, vmax=1)  # white on black, as the
+    for (x, y), label in zip(places, labels.tolist()):                                     # network sees the digits
+        ax.text(x, y - 1, str(label), ha="center", va="bottom", fontsize=12)
+    fig.suptitle(f"{len(images)} augmented training images as the model receives them, with their labels", y=1.04)
     save_figure(fig, path)
     return fig

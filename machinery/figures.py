@@ -13,6 +13,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 
 from machinery.files import save_figure
 from machinery.records import best_epoch
+from utils import image_grid
 
 
 # Curves. Accuracies are drawn as error rates (100 - accuracy) on an inverted log axis labelled in accuracy: going
@@ -267,17 +268,19 @@ def plot_misclassified(images, probabilities, labels, path, count=25):
     shown = wrong[confidence[wrong].argsort(descending=True, stable=True)][:count].tolist()
     columns = 5
     rows = max(1, math.ceil(len(shown) / columns))
-    fig = Figure(figsize=(2 * columns, 2.3 * rows), layout="constrained")
-    axs = fig.subplots(rows, columns, squeeze=False)
-    for ax in axs.flat:
-        ax.axis("off")
-    for ax, i in zip(axs.flat, shown):
-        ax.imshow(images[i].cpu().numpy(), cmap="gray_r")
-        # Rounded down, so a 99.7% sure mistake does not read as a certain one.
-        percent = math.floor(100 * float(confidence[i]))
-        ax.set_title(f"true {int(labels[i])}, said {int(predictions[i])} ({percent}%)\n#{i}", fontsize=9)
+    fig = Figure(figsize=(2 * columns, 2.3 * rows))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    if shown:
+        mosaic, places = image_grid(images[shown], columns)
+        ax.imshow(mosaic, cmap=colormaps["gray_r"].with_extremes(bad="white"), vmin=0, vmax=255)
+        for (x, y), i in zip(places, shown):
+            # Rounded down, so a 99.7% sure mistake does not read as a certain one.
+            percent = math.floor(100 * float(confidence[i]))
+            ax.text(x, y - 1, f"true {int(labels[i])}, said {int(predictions[i])} ({percent}%)\n#{i}", fontsize=9,
+                    ha="center", va="bottom")
     fig.suptitle(f"{len(wrong)} of {len(labels)} test images misclassified; "
-                 f"the {len(shown)} most confident mistakes, most confident first")
+                 f"the {len(shown)} most confident mistakes, most confident first", y=1.05)
     save_figure(fig, path)
     return fig
 

@@ -113,10 +113,11 @@ def default_layout(model):
     return "contiguous" if has_batch_norm else "channels_last"
 
 
-def training_speed(make_model, layout, batch_size, device, amp, seconds=LAYOUT_PROBE_SECONDS):
+def training_speed(make_model, layout, batch_size, device, amp, seconds=None):
     """Images per second of whole SGD steps (forward, loss, backward, update) of a new model from make_model() in
     `layout`, on a random batch: two steps to warm up (allocation, kernel selection), then steps until `seconds`
-    passed. The random state of the run is left as it was."""
+    passed (LAYOUT_PROBE_SECONDS unless given). The random state of the run is left as it was."""
+    seconds = LAYOUT_PROBE_SECONDS if seconds is None else seconds
     memory_format = LAYOUTS[layout]
     with random_state_kept(device):
         torch.manual_seed(0)

@@ -12,6 +12,7 @@ import torch
 from torchvision import datasets
 
 import utils
+from machinery import hardware
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_FILES = [name for name, _ in datasets.MNIST.resources]
@@ -107,3 +108,11 @@ def assert_png(path):
         assert f.read(8) == PNG_SIGNATURE
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.fixture(autouse=True)
+def quick_layout_timing(monkeypatch):
+    """The layout timing of a test's run (LAYOUT = "auto"), which times real steps, kept to a few steps: a test
+    checks that the choice is made and recorded, not which layout is faster here (test_hardware.py checks the
+    rule on set speeds)."""
+    monkeypatch.setattr(hardware, "LAYOUT_PROBE_SECONDS", 0.01)

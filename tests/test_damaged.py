@@ -10,10 +10,8 @@ import matplotlib.colors
 import pytest
 import torch
 
-from machinery import figures
+from machinery import figures, records, runs
 import main_mnist
-from machinery import records
-from machinery import runs
 import utils
 from conftest import REPO
 from test_main import EXTENSIBLE, FAST, exit_message, read_metrics

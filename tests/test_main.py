@@ -1,4 +1,6 @@
+import contextlib
 import csv
+import io
 import itertools
 import json
 import os
@@ -12,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import main_mnist
-from machinery import records
-from machinery import robustness
-from machinery import settings
+from machinery import hardware, records, robustness, settings
 import utils
 from conftest import REPO
 from model import CompactNet, Net
@@ -58,13 +58,21 @@ def help_of(flag, text):
     return " ".join(text[text.index(line):].split("\n  --")[0].split())
 
 
-def test_help_lists_every_hyperparameter_with_its_default():
-    result = run_script("--help")
-    assert result.returncode == 0
+@pytest.fixture(scope="module")
+def help_text():
+    """What `python3 main_mnist.py --help` prints (run in this process: the help is the parser's alone)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
+        main_mnist.main(["--help"])
+    assert stop.value.code == 0
+    return out.getvalue()
+
+
+def test_help_lists_every_hyperparameter_with_its_default(help_text):
     for name, default in main_mnist.SETTINGS.items():
-        assert f"(default: {default}" in help_of(settings.flag_name(name), result.stdout)
+        assert f"(default: {default}" in help_of(settings.flag_name(name), help_text)
     for flag in ("--dry-run", "--resume", "--eval-only", "--find-lr", "--compare"):
-        assert flag in result.stdout
+        assert flag in help_text
 
 
 def settings_of(argv):
@@ -92,8 +100,8 @@ def test_a_model_chosen_in_the_block_trains_with_the_block_as_it_is(monkeypatch)
     assert settings_of([]) == main_mnist.SETTINGS  # no recipe replaces what the block says
 
 
-def test_help_shows_both_recipes():
-    out = run_script("--help").stdout
+def test_help_shows_every_recipe(help_text):
+    out = help_text
     assert "--model {" + ",".join(main_mnist.RECIPES) + "}" in out
     for model, recipe in main_mnist.RECIPES.items():
         for name, value in recipe.items():
@@ -116,9 +124,9 @@ def test_out_of_range_hyperparameters_stop_before_any_work(argv, named, tmp_path
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_every_setting_has_its_meaning_from_the_comment_beside_it():
+def test_every_setting_has_its_meaning_from_the_comment_beside_it(help_text):
     assert list(main_mnist.SETTINGS)[:3] == ["MODEL", "EPOCHS", "BATCH_SIZE"] and "RECIPES" not in main_mnist.SETTINGS
-    help_text = " ".join(run_script("--help").stdout.split())
+    help_text = " ".join(help_text.split())
     for name in main_mnist.SETTINGS:
         assert f"{settings.flag_name(name)} " in help_text and " ".join(HELPS[name].split()) in help_text
     batch = f"(default: {main_mnist.BATCH_SIZE}; CompactNet: {main_mnist.RECIPES['CompactNet']['BATCH_SIZE']})"
@@ -131,11 +139,10 @@ def test_every_setting_has_its_meaning_from_the_comment_beside_it():
     (["--epoch", "3"], "--epoch"),
     (["--model", "ResNet"], "--model"),
 ])
-def test_non_numbers_and_unknown_flags_get_one_line_and_exit_code_2(argv, named):
-    result = run_script(*argv)
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
-    assert "Traceback" not in result.stderr
+def test_non_numbers_and_unknown_flags_get_one_line_and_exit_code_2(argv, named, capsys):
+    assert exit_message(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and named in err
 
 
 def test_an_output_folder_that_cannot_be_written_is_found_before_training(tiny_mnist, tmp_path):
@@ -313,9 +320,8 @@ def test_a_damaged_data_file_stops_the_script_with_its_name(real_data_dir, tmp_p
             (raw / name).write_bytes(open(os.path.join(real_data_dir, "MNIST", "raw", name), "rb").read())
     damaged = raw / "train-labels-idx1-ubyte.gz"
     damaged.write_bytes(damaged.read_bytes()[:1000])
-    result = run_script("--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"), "--dry-run")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert str(damaged) in result.stderr and "damaged" in result.stderr
+    message = exit_message(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"), "--dry-run"])
+    assert message.startswith(f"error: {damaged} is damaged") and "\n" not in message
 
 
 def test_missing_data_and_no_network_stop_the_script_within_seconds(tmp_path, no_network):
@@ -332,11 +338,19 @@ ORIGINAL = ["--model", "Net", "--lr", "0.01", "--momentum", "0.9", "--no-nestero
             "--schedule", "step", "--rotation", "15", "--crop-p", "0.1", "--crop-size", "22", "--shift", "0"]
 
 
-def test_one_epoch_of_net_on_real_mnist_reaches_97_percent(real_data_dir, tmp_path):
-    # Batch 64 takes 938 steps in the epoch, enough for Net to leave the plateau where it starts at lr 0.01.
-    main_mnist.main([*ORIGINAL, "--data-dir", real_data_dir, "--out-dir", str(tmp_path), "--epochs", "1",
-                     "--batch-size", "64"])
-    assert float(read_metrics(tmp_path)[0]["test_acc"]) >= 97.0
+def test_the_originals_net_learns_real_digits_in_a_fifth_of_an_epoch(real_data_dir):
+    # The original's functions as a learner calls them: 200 SGD steps of 64 real, augmented images (a fifth of an
+    # epoch; a whole one reaches 97-98%) take Net from chance past 93% on all 10,000 test digits.
+    torch.manual_seed(main_mnist.SEED)
+    hp = settings_of(ORIGINAL)
+    train_loader = utils.get_trainloader(real_data_dir, 64, max_batches=200, augmentation=hp)
+    test_loader = utils.get_testloader(real_data_dir, 1000)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"])
+    amp = hardware.use_bfloat16("cpu", hp["AMP"])
+    utils.train(model, "cpu", train_loader, optimizer, F.nll_loss, amp=amp)
+    _, accuracy = utils.test(model, "cpu", test_loader, F.nll_loss, amp)
+    assert accuracy >= 93.0
 
 
 # ---- Evaluate only ----

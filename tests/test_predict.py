@@ -13,8 +13,7 @@ from PIL import Image, ImageDraw
 
 import main_mnist
 import predict
-from machinery import records
-from machinery import runs
+from machinery import records, runs
 from conftest import assert_png
 from machinery.images import mnist_batch, to_mnist
 from main_mnist import OUT_DIR
