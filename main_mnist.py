@@ -18,8 +18,8 @@ import torch.optim as optim
 from machinery import compare, evaluation, lr_finder, records, runs, settings
 from machinery.hardware import LAYOUTS, choose_precision_and_layout, pick_device
 from model import MODELS
-from utils import (check_finite, data_visualization, describe_data, get_testloader, get_trainloader, loss_function,
-                   model_summary, test, train)
+from utils import (check_finite, check_output, data_visualization, describe_data, get_testloader, get_trainloader,
+                   loss_function, model_summary, step_on_metric, test, train)
 
 # ---- Hyperparameters: the original's recipe. Edit them here, or override any with its flag (see --help). ----
 # A run uses this block as it is, except: --model NAME applies that model's recipe (RECIPES below) over the block,
@@ -31,13 +31,14 @@ LR = 0.01                # SGD's learning rate; with SCHEDULE onecycle, the peak
 MOMENTUM = 0.9           # SGD momentum; with onecycle, the top of its cycle (it dips by 0.1 as the lr peaks)
 NESTEROV = False         # Nesterov momentum
 WEIGHT_DECAY = 0.0       # the optimizer's L2 penalty on the weights
-SCHEDULE = "step"        # learning-rate schedule: step (StepLR, a drop every STEP_SIZE epochs) or onecycle (OneCycleLR)
+SCHEDULE = "step"        # learning-rate schedule, as build_scheduler below builds it: step (StepLR) or onecycle (OneCycleLR)
 STEP_SIZE = 15           # step schedule: epochs between learning-rate drops
 GAMMA = 0.1              # step schedule: the factor of each drop
 ROTATION = 15.0          # augmentation: each training image turns by a random angle within +-ROTATION degrees (0: off)
 CROP_P = 0.1             # augmentation: probability of a centre crop to CROP_SIZE, resized back to 28 (0: off)
 CROP_SIZE = 22           # augmentation: side of that centre crop, in pixels
 SHIFT = 0                # augmentation: each training image moves by up to SHIFT whole pixels across and down (0: off)
+LABEL_SMOOTHING = 0.0    # loss: this share of each target spread evenly over the ten digits (0: off, the original)
 TEST_BATCH_SIZE = 512    # test images per batch (as the original); larger was slower on a CPU, its cache overflowing
 AMP = True               # bfloat16 autocast where the device runs it natively: CUDA, CPUs with AVX512-BF16 or AMX
 LAYOUT = "auto"          # memory layout: channels_last, contiguous, or auto: timed here once (machinery/hardware.py)
@@ -69,13 +70,17 @@ def build_optimizer(model, hp):
 
 
 def build_scheduler(optimizer, hp, steps_per_epoch):
-    """Both schedules step after every batch (in utils.train): OneCycleLR over the whole run, StepLR after
-    STEP_SIZE epochs' worth of batches, so that its lr drops where an epoch begins."""
+    """The schedule SCHEDULE names; a new one gets a branch here. Both step after every batch (utils.train):
+    OneCycleLR over the whole run, StepLR after STEP_SIZE epochs' worth of batches, so that its lr drops where an
+    epoch begins. (A schedule whose step() takes a metric, as ReduceLROnPlateau's, steps after each epoch on the
+    test loss instead.)"""
     if hp["SCHEDULE"] == "onecycle":
         return optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp["LR"], epochs=hp["EPOCHS"],
                                              steps_per_epoch=steps_per_epoch, max_momentum=hp["MOMENTUM"],
                                              base_momentum=max(0.0, hp["MOMENTUM"] - 0.1))
-    return optim.lr_scheduler.StepLR(optimizer, step_size=hp["STEP_SIZE"] * steps_per_epoch, gamma=hp["GAMMA"])
+    if hp["SCHEDULE"] == "step":
+        return optim.lr_scheduler.StepLR(optimizer, step_size=hp["STEP_SIZE"] * steps_per_epoch, gamma=hp["GAMMA"])
+    raise ValueError(f"SCHEDULE {hp['SCHEDULE']!r} is none of those build_scheduler in main_mnist.py builds")
 
 
 def train_run(args, device):
@@ -96,12 +101,15 @@ def train_run(args, device):
 
     # Model, its summary, the loss that fits its output, the optimizer and the learning-rate schedule
     model = build_model(hp).to(device, memory_format=LAYOUTS[hp["LAYOUT"]])
-    model_summary(model)
-    criterion = loss_function(model, test_loader.sample())
+    layers = model_summary(model)  # torchsummary's table, then each layer's receptive field
+    outputs = check_output(model, test_loader.sample())  # log-probabilities or raw scores, the same in each call
+    criterion = loss_function(outputs, hp["LABEL_SMOOTHING"])
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, len(train_loader))
+    built = settings.report_training(optimizer, scheduler, criterion, outputs, hp)  # what was built, printed
     history = records.restore(checkpoint, model, optimizer, scheduler) if checkpoint else []
-    record = runs.open_record(folder, checkpoint, hp, model, device, amp, args, criterion)
+    record = runs.open_record(folder, checkpoint, hp, model, device, amp, args, **built, receptive_fields=layers,
+                              train_images=len(train_loader.labels), test_images=len(test_loader.labels))
 
     with runs.run_ends_cleanly(folder, record, args.dry_run):
         runs.save_record(folder, record)
@@ -112,6 +120,7 @@ def train_run(args, device):
             train_loss, train_acc = train(model, device, train_loader, optimizer, criterion, scheduler, amp)
             test_loss, test_acc = test(model, device, test_loader, criterion, amp, verbose=False)
             check_finite("the test loss", test_loss, model)  # the last step can blow up unseen by train()
+            step_on_metric(scheduler, test_loss)  # ReduceLROnPlateau and its kind: once an epoch, on the test loss
             history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                                 test_acc=test_acc, lr=lr, seconds=time.perf_counter() - start))
             runs.save_epoch(folder, record, model, optimizer, scheduler, history)
@@ -124,7 +133,8 @@ def train_run(args, device):
 
 
 def main(argv=None):
-    args = settings.parse_args(argv, SETTINGS, RECIPES, settings.setting_comments(__file__))
+    args = settings.parse_args(argv, SETTINGS, RECIPES, settings.setting_comments(__file__),
+                               builders=(build_model, build_optimizer, build_scheduler))
     device = pick_device()
     with runs.script_ends_cleanly():  # a UserError in one line, Ctrl-C, a reader gone away (| head), locks let go
         if args.compare is not None:

@@ -119,6 +119,24 @@ def read_image(path):
     return shown, digit
 
 
+def image_paths(names):
+    """(the files `names` gives, how many folders held none): a file as it is, a folder as the image files directly
+    in it (by the extensions PIL reads), sorted. A folder with none is said on stderr."""
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    paths, empty = [], 0
+    for name in names:
+        if not os.path.isdir(name):
+            paths.append(name)
+            continue
+        found = sorted(os.path.join(name, entry) for entry in os.listdir(name)
+                       if os.path.splitext(entry)[1].lower() in extensions and os.path.isfile(os.path.join(name, entry)))
+        if not found:
+            print(f"error: {name}: a folder with no image files in it", file=sys.stderr)
+            empty += 1
+        paths += found
+    return paths, empty
+
+
 def classify(model, device, digits, calibration):
     """Probabilities [N, 10] of the 28x28 images `digits` [N, 28, 28], at the calibration's temperature."""
     with torch.inference_mode():
@@ -144,7 +162,7 @@ def top3_line(path, probs, digit, calibration):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Read handwritten digits from image files with a trained model.")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...), or folders of them")
     parser.add_argument("--checkpoint", metavar="PATH", help=CHECKPOINT_HELP)
     parser.add_argument("--out", metavar="PATH", default="predictions.png",
                         help="where to draw the images and their probabilities (default: predictions.png)")
@@ -154,8 +172,9 @@ def main(argv=None):
     _, model, _, calibration = load_reader(args.checkpoint, device)
 
     # Each image on its own: one that cannot be read is named on stderr, and the others are still read.
-    read, failed = [], 0
-    for path in args.images:
+    paths, failed = image_paths(args.images)
+    read = []
+    for path in paths:
         try:
             read.append((path, *read_image(path)))
         except UserError as error:

@@ -5,7 +5,9 @@ around them, which chooses the device and writes the run's files, is in machiner
 """
 import contextlib
 import copy
+import functools
 import hashlib
+import inspect
 import io
 import math
 import os
@@ -24,6 +26,7 @@ from augment import random_augment
 from machinery.errors import NonFiniteLoss, UserError, one_line
 from machinery.files import save_figure
 from machinery.hardware import LAYOUTS, autocast, random_state_kept
+from machinery.receptive_field import receptive_field_table, receptive_fields
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,18 +195,20 @@ def get_testloader(data_dir, batch_size, device="cpu", max_batches=None, layout=
 CLASSES = 10  # the ten digits: a model's forward returns [batch, CLASSES]
 
 
-def loss_function(model, images):
-    """The loss that fits what `model` returns, checked once on a batch of `images` before training: F.nll_loss
-    for log-probabilities (log_softmax, as Net and CompactNet return, and the original), F.cross_entropy for raw
-    scores (logits, as most tutorials write forward). UserError, one line, for an output of another shape or for
-    probabilities (softmax), which neither loss trains well.
+def check_output(model, images):
+    """What `model` returns, checked once on a batch of `images` before training: "log-probabilities" (log_softmax,
+    as Net and CompactNet and the original return) or "raw scores" (logits, as most tutorials write forward).
+    UserError, one line, for an output of another shape, for probabilities (softmax), which no loss trains well,
+    and for an output that changes from one call to the next in eval mode: something random left on at test time,
+    such as F.dropout(x, 0.1) without training=self.training.
 
-    The check runs in eval mode without gradients, and draws no random numbers: training is the same with it."""
+    The check runs in eval mode without gradients, and leaves the random state as it was: training is the same
+    with it."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            output = model(images)
+        with torch.inference_mode(), random_state_kept(images.device):
+            output, again = model(images), model(images)
     except RuntimeError as error:  # a layer that does not fit the input, typically
         raise UserError(f"the model's forward fails on a batch of shape {list(images.shape)}: "
                         f"{one_line(error)}") from None
@@ -213,21 +218,49 @@ def loss_function(model, images):
         got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise UserError(f"the model's forward must return a tensor of shape [batch, {CLASSES}] (a score or "
                         f"log-probability per digit), not {got}, for a batch of shape {list(images.shape)}")
+    if not torch.equal(output, again):
+        raise UserError("the model's output in eval mode changes from one call to the next: something random stays "
+                        "on at test time (F.dropout(x, p) needs training=self.training; nn.Dropout knows by itself)")
     output = output.float()
     if bool((output >= 0).all()) and torch.allclose(output.sum(dim=1), torch.ones(len(output)), atol=1e-3):
         raise UserError("the model's forward returns probabilities (softmax): return log-probabilities "
                         "(F.log_softmax) or raw scores instead, so that the loss can be computed stably")
     is_log_probabilities = bool((output <= 0).all()) and torch.allclose(
         output.logsumexp(dim=1), torch.zeros(len(output)), atol=1e-3)
-    criterion = F.nll_loss if is_log_probabilities else F.cross_entropy
-    print(f"Loss: F.{loss_name(criterion)} (the model returns "
-          f"{'log-probabilities' if is_log_probabilities else 'raw scores'})")
-    return criterion
+    return "log-probabilities" if is_log_probabilities else "raw scores"
+
+
+def loss_function(outputs, label_smoothing=0.0):
+    """The loss for what a model returns (check_output's answer): F.nll_loss for log-probabilities, as the
+    original, and F.cross_entropy for raw scores. With label smoothing, F.cross_entropy for both: on
+    log-probabilities it is the same loss, since log_softmax leaves them as they are."""
+    if label_smoothing:
+        return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
+    return F.nll_loss if outputs == "log-probabilities" else F.cross_entropy
 
 
 def loss_name(criterion):
-    """The name run.json gives a loss: a function's name (nll_loss), or its class's (CrossEntropyLoss)."""
-    return getattr(criterion, "__name__", type(criterion).__name__)
+    """How run.json and the console name a loss: F.nll_loss, cross_entropy(label_smoothing=0.1),
+    CrossEntropyLoss(label_smoothing=0.1), or any callable's own name."""
+    if isinstance(criterion, functools.partial):
+        arguments = [repr(a) for a in criterion.args] + [f"{k}={v!r}" for k, v in criterion.keywords.items()]
+        return f"{loss_name(criterion.func)}({', '.join(arguments)})"
+    if isinstance(criterion, torch.nn.Module):
+        smoothing = getattr(criterion, "label_smoothing", 0.0)
+        return f"{type(criterion).__name__}({f'label_smoothing={smoothing}' if smoothing else ''})"
+    name = getattr(criterion, "__name__", type(criterion).__name__)
+    return f"F.{name}" if getattr(criterion, "__module__", "") == "torch.nn.functional" else name
+
+
+def step_on_metric(scheduler, test_loss):
+    """Steps a schedule whose step() takes a metric (ReduceLROnPlateau) on the epoch's test loss; train() steps
+    every other kind after each batch, and this leaves those alone."""
+    if takes_metric(scheduler):
+        scheduler.step(test_loss)
+
+
+def takes_metric(scheduler):
+    return scheduler is not None and "metrics" in inspect.signature(scheduler.step).parameters
 
 
 def check_finite(what, value, model=None, where=""):
@@ -265,7 +298,7 @@ def train(model, device, train_loader, optimizer, criterion, scheduler=None, amp
             loss = criterion(output.float(), target)
             loss.backward()
             optimizer.step()
-            if scheduler is not None:
+            if scheduler is not None and not takes_metric(scheduler):
                 scheduler.step()
             loss_sum += loss.detach() * len(target)
             correct += GetCorrectPredCount(output.detach(), target)
@@ -324,11 +357,16 @@ def per_class_accuracy(matrix):
 
 
 def model_summary(model, input_size=(1, 28, 28)):
-    """Prints torchsummary's table (layers, output shapes, parameter counts) for a model on any device.
+    """Prints torchsummary's table (layers, output shapes, parameter counts) for a model on any device, then the
+    receptive field of each convolution and pooling; returns those (machinery/receptive_field.py) for run.json.
 
     torchsummary 1.5.1 builds its dummy input on CUDA or on the CPU only, and fails when the model sits elsewhere
     (its issues #14, #16, #179); a float32 copy on the CPU, with the CPU named, works wherever the model is."""
-    summary(copy.deepcopy(model).float().cpu(), input_size, device="cpu")
+    copied = copy.deepcopy(model).float().cpu()
+    summary(copied, input_size, device="cpu")
+    layers = receptive_fields(copied, input_size)
+    print(receptive_field_table(layers))
+    return layers
 
 
 def image_grid(images, columns, gap=12):

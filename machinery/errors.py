@@ -2,6 +2,7 @@
 
 UserError's message is printed alone (`error: ...`), without a traceback, and the script exits non-zero.
 """
+import os
 import signal
 import sys
 
@@ -23,10 +24,22 @@ def one_line(error, with_type=False):
     return f"{type(error).__name__}: {lines[0]}" if with_type else lines[0]
 
 
-def quiet_ctrl_c():
-    """Ctrl-C while torch loads (seconds): a word and exit 130, not the traceback of an import. Called by each
-    script before its heavy imports; a run installs its own handlers once it starts (runs.stop_signals_handled)."""
+def prepare_console():
+    """What each script does first, before its heavy imports, so that the console never turns a finished job into
+    a traceback: Ctrl-C while torch loads (seconds) says a word and exits 130; an output the shell closed
+    (`>&-`, `2>&-`) goes to the null device instead; a name the console cannot encode (a cp1252 console and a
+    file named in Greek) is printed with backslash escapes. A run installs its own signal handlers once it starts
+    (runs.stop_signals_handled)."""
     def stop(*_):
         print("Stopped.", file=sys.stderr)
         sys.exit(130)
     signal.signal(signal.SIGINT, stop)
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:  # the file descriptor was closed before Python started
+            setattr(sys, name, open(os.devnull, "w"))
+        elif hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+quiet_ctrl_c = prepare_console

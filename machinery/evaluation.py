@@ -7,7 +7,8 @@ import os
 from machinery import records, robustness, runs, settings
 from machinery.figures import plot_confusion_matrix, plot_misclassified, plot_reliability, plot_robustness
 from machinery.hardware import LAYOUTS, choose_precision_and_layout
-from utils import confusion_matrix, get_testloader, loss_function, loss_name, per_class_accuracy, predict, test
+from utils import (check_output, confusion_matrix, get_testloader, loss_function, loss_name, per_class_accuracy,
+                   predict, test)
 
 
 def report_test_set(model, device, test_loader, amp, folder):
@@ -62,7 +63,7 @@ def evaluate_only(args, device, defaults, recipes):
                                  max_batches=1 if args.dry_run else None, layout=hp["LAYOUT"])
     print(f"Evaluating {model_name} from {args.checkpoint} on {device}; figures go to {folder}")
     record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="eval-only")
-    criterion = loss_function(model, test_loader.sample())
+    criterion = loss_function(check_output(model, test_loader.sample()))
     record.update(checkpoint=os.path.abspath(args.checkpoint), epochs_planned=0, loss=loss_name(criterion))
     _, record["final_test_acc"] = test(model, device, test_loader, criterion, amp)
     record["calibration"] = report_test_set(model, device, test_loader, amp, folder)

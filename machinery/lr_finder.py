@@ -14,7 +14,7 @@ from machinery import records, runs, settings
 from machinery.errors import UserError
 from machinery.figures import plot_lr_finder
 from machinery.hardware import LAYOUTS, choose_precision_and_layout, random_state_kept
-from utils import get_trainloader, loss_function
+from utils import check_output, get_trainloader, loss_function
 
 LR_RULE = "a tenth of the lr where the smoothed loss is lowest (fastai's 'minimum' rule)"
 
@@ -85,7 +85,7 @@ def find_learning_rate(args, device, defaults, recipes, build_model, build_optim
     train_loader.layout = hp["LAYOUT"]
     torch.manual_seed(hp["SEED"])
     model = build_model(hp).to(device, memory_format=LAYOUTS[hp["LAYOUT"]])
-    criterion = loss_function(model, train_loader.sample())
+    criterion = loss_function(check_output(model, train_loader.sample()), hp["LABEL_SMOOTHING"])
     record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="find-lr")
     steps = 20 if args.dry_run else 100
     print(f"LR range test of {hp['MODEL']}: {steps} batches of {hp['BATCH_SIZE']}, lr from 1e-07 to 10")

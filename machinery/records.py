@@ -13,6 +13,7 @@ import torch
 from machinery.errors import UserError, one_line
 from machinery.files import atomic_write
 from machinery.robustness import standard_error
+from machinery.settings import model_arguments
 from model import MODELS
 
 # The files of a run folder. Any of RUN_FILES in a folder means a run wrote there, and no other run may.
@@ -221,31 +222,35 @@ def restore(checkpoint, model, optimizer, scheduler):
 # A saved model, for --eval-only, predict.py and app.py.
 
 def load_weights(path):
-    """(model name or None, state_dict) from a model.pt or a checkpoint.pt. The name comes from the checkpoint, or
-    from the run.json beside a model.pt; None if neither says."""
+    """(model name or None, the run's settings or {}, state_dict) from a model.pt or a checkpoint.pt. The name and
+    settings come from the checkpoint, or from the run.json beside a model.pt; None and {} if neither says."""
     saved = read_saved(path, "model file")
     if isinstance(saved, dict) and "hyperparameters" in saved:
         checkpoint = check_checkpoint(saved, path)
-        return checkpoint["hyperparameters"]["MODEL"], checkpoint["model"]
+        return checkpoint["hyperparameters"]["MODEL"], checkpoint["hyperparameters"], checkpoint["model"]
     if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
         raise UserError(f"{path} does not hold a model's state_dict")
     try:
-        return read_record(os.path.dirname(path) or ".")["model"], saved
+        record = read_record(os.path.dirname(path) or ".")
     except UserError:  # no run.json beside it (a file of its own), or one this script cannot read
-        return None, saved
+        return None, {}, saved
+    return record["model"], record["hyperparameters"], saved
 
 
 def load_model(path, device, model_name=None):
-    """(model name, model in eval mode on `device`) from a model.pt or checkpoint.pt.
+    """(model name, model in eval mode on `device`) from a model.pt or checkpoint.pt, built with the settings of
+    its run that name its constructor's arguments (a DROPOUT a learner added), as main_mnist.py built it.
 
     The model's class is the one the file (or its run.json) names, else `model_name`, else whichever fits."""
-    saved_name, state_dict = load_weights(path)
+    saved_name, hp, state_dict = load_weights(path)
     if saved_name and model_name and saved_name != model_name:
         raise UserError(f"{path} holds a {saved_name}, not a {model_name}")
     name = saved_name or model_name
     candidates = [name] if name else list(MODELS)
     for candidate in candidates:
-        model = MODELS[candidate]()
+        if candidate not in MODELS:
+            raise UserError(f"{path} is a {candidate}, which model.py does not define (it has {', '.join(MODELS)})")
+        model = MODELS[candidate](**model_arguments(MODELS[candidate], hp))
         if _fits(model, state_dict):
             return candidate, model.to(device).eval()
     fits = [other for other in MODELS if other not in candidates and _fits(MODELS[other](), state_dict)]

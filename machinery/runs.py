@@ -33,7 +33,6 @@ from machinery.hardware import device_name, precision_name
 from machinery.records import (CHECKPOINT, FINAL_MODEL, METRICS, PLOT, RECORD, RUN_FILES, best_epoch, load_checkpoint,
                                 read_record, rng_states, write_metrics)
 from machinery.settings import resume_command, resumed_settings, start as start_settings
-from utils import loss_name
 
 LOCK = ".lock"
 
@@ -286,10 +285,11 @@ def new_record(folder, hp, model, device, amp, argv, mode="train"):
     }
 
 
-def open_record(folder, checkpoint, hp, model, device, amp, args, criterion):
+def open_record(folder, checkpoint, hp, model, device, amp, args, **built):
     """The run.json of a run starting now: a new one, or for a resumed run the one it had, brought up to its
     checkpoint (the truth, should run.json lag behind it: a killed run's does). A resumed run whose run.json is
-    missing or damaged gets a new one, and says so."""
+    missing or damaged gets a new one, and says so. `built`: what the run built (its loss, optimizer, schedule,
+    the layers' receptive fields, the number of images), recorded as it is."""
     record = None
     if checkpoint is not None:
         try:
@@ -298,7 +298,7 @@ def open_record(folder, checkpoint, hp, model, device, amp, args, criterion):
             print(f"Note: {error}; a new {RECORD} is started")
     record = record or new_record(folder, hp, model, device, amp, args.argv)
     record.update(status="running", error=None, epochs_planned=hp["EPOCHS"], dry_run=args.dry_run,
-                  hyperparameters=hp, loss=loss_name(criterion))
+                  hyperparameters=hp, **built)
     if checkpoint is not None:
         record_epochs(record, checkpoint["history"])
         print(f"Resuming {hp['MODEL']} from {args.resume} after epoch {checkpoint['epoch']}")

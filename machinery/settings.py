@@ -4,18 +4,20 @@ resumed run.
 """
 import argparse
 import inspect
+import os
 import re
 import shlex
 import sys
 import textwrap
 import tokenize
 
-from machinery.errors import UserError
+from machinery.errors import UserError, one_line
 from machinery.hardware import LAYOUT_CHOICES
 from model import MODELS
+from utils import loss_name
 
 # The valid choices of the settings that have a fixed list of them; --help shows them, check_settings enforces them.
-CHOICES = {"MODEL": list(MODELS), "SCHEDULE": ["step", "onecycle"], "LAYOUT": LAYOUT_CHOICES}
+CHOICES = {"MODEL": list(MODELS), "LAYOUT": LAYOUT_CHOICES}  # (SCHEDULE's: the branches of build_scheduler)
 
 # What may change when a run resumes: the optimizer and the schedule come back from the checkpoint as they were.
 RESUMABLE = ["EPOCHS", "DATA_DIR"]
@@ -48,9 +50,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_args(argv, defaults, recipes, helps):
+def parse_args(argv, defaults, recipes, helps, builders=None):
     """The flags given (a setting's attribute exists only when its flag was given), checked with the settings they
-    make: a bad value stops here, with one line and exit code 2, before any work."""
+    make (check_settings, then check_builds with `builders`, main_mnist.py's build_model, build_optimizer and
+    build_scheduler): a bad value stops here, with one line and exit code 2, before any work."""
     recipe_lines = "\n".join(f"  {model}: " + (", ".join(f"{k}={v}" for k, v in recipe.items()) or "the settings as they are")
                              for model, recipe in recipes.items())
     parser = _Parser(description="Train a digit classifier on MNIST.", formatter_class=argparse.RawTextHelpFormatter,
@@ -82,7 +85,10 @@ def parse_args(argv, defaults, recipes, helps):
         parser.error("--checkpoint goes with --eval-only; to continue training, use --resume PATH")
     if args.resume is None:
         try:
-            check_settings(resolve(args, defaults, recipes))
+            hp = resolve(args, defaults, recipes)
+            check_settings(hp)
+            if builders and args.compare is None:
+                check_builds(hp, *builders)
         except UserError as error:
             parser.error(str(error))
     return args
@@ -136,12 +142,40 @@ def print_settings(hp, args, defaults, recipes, resumed=False):
             line = " "
         line += " " + item
     print(line)
+    for note in setting_notes(hp, given, defaults, recipes, resumed):
+        print(textwrap.fill("Note: " + note, width=118, subsequent_indent="  ", break_on_hyphens=False))
     unused = {name: value for name, value in recipes.get(hp["MODEL"], {}).items() if hp[name] != value}
     if not resumed and "MODEL" not in given and unused:
         print(textwrap.fill(f"Note: MODEL {hp['MODEL']} comes from the block, which is used as it is; --model "
                             f"{hp['MODEL']} would apply its recipe: "
                             + ", ".join(f"{name}={value}" for name, value in unused.items()),
                             width=118, subsequent_indent="  ", break_on_hyphens=False))
+
+
+def setting_notes(hp, given, defaults, recipes, resumed):
+    """What a learner's edit may have left unsaid: a model --model names that has no recipe, and a setting of the
+    block that nothing reads (unread_settings)."""
+    notes = []
+    if not resumed and "MODEL" in given and given["MODEL"] not in recipes:
+        notes.append(f"{given['MODEL']} has no recipe in RECIPES (main_mnist.py): it trains with the block's settings")
+    unread = unread_settings(defaults, MODELS.get(hp["MODEL"]), project_sources())
+    if unread:
+        notes.append(f"nothing reads {', '.join(unread)}: no hp[\"NAME\"] in the code and no argument of "
+                     f"{hp['MODEL']}'s constructor of that name, so {'it changes' if len(unread) == 1 else 'they change'}"
+                     f" nothing")
+    return notes
+
+
+def project_sources():
+    """{path: text} of the project's Python files: the learner's at the top and machinery/'s."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = {}
+    for folder in (repo, os.path.join(repo, "machinery")):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    sources[os.path.join(folder, name)] = f.read()
+    return sources
 
 
 def check_settings(hp):
@@ -154,7 +188,6 @@ def check_settings(hp):
 
     rules = [
         ("MODEL", hp["MODEL"] in CHOICES["MODEL"], f"must be one of {', '.join(CHOICES['MODEL'])}"),
-        ("SCHEDULE", hp["SCHEDULE"] in CHOICES["SCHEDULE"], f"must be one of {', '.join(CHOICES['SCHEDULE'])}"),
         ("LAYOUT", hp["LAYOUT"] in CHOICES["LAYOUT"], f"must be one of {', '.join(CHOICES['LAYOUT'])}"),
         ("EPOCHS", whole("EPOCHS", 1), "must be a whole number, at least 1"),
         ("BATCH_SIZE", whole("BATCH_SIZE", 1), "must be a whole number, at least 1"),
@@ -170,6 +203,7 @@ def check_settings(hp):
         ("CROP_P", number("CROP_P", 0, 1), "must be a probability, from 0 to 1"),
         ("CROP_SIZE", whole("CROP_SIZE", 1) and hp["CROP_SIZE"] <= 28, "must be a whole number of pixels, 1 to 28"),
         ("SHIFT", whole("SHIFT", 0) and hp["SHIFT"] < 28, "must be a whole number of pixels, 0 to 27"),
+        ("LABEL_SMOOTHING", number("LABEL_SMOOTHING", 0, 1) and hp["LABEL_SMOOTHING"] < 1, "must be in [0, 1)"),
         ("SEED", whole("SEED", 0) and hp["SEED"] < 2 ** 63, "must be a whole number from 0 to 2**63 - 1"),
     ]
     for name, ok, requirement in rules:
@@ -210,3 +244,69 @@ def resumed_settings(args, defaults, recipes, checkpoint):
 
 def resume_command(checkpoint_path, dry_run=False):
     return f"python3 main_mnist.py --resume {shlex.quote(checkpoint_path)}" + (" --dry-run" if dry_run else "")
+
+
+def check_builds(hp, build_model, build_optimizer, build_scheduler):
+    """UserError, before any work, if the settings do not build a model, an optimizer and a schedule as
+    main_mnist.py's build functions make them: what no rule here knows, such as a setting a learner added
+    (DROPOUT = 1.5), or a SCHEDULE that build_scheduler has no branch for."""
+    try:
+        model = build_model(hp)
+        build_scheduler(build_optimizer(model, hp), hp, 1)
+    except Exception as error:  # whatever a learner's edit raises: said in one line, before any folder is made
+        raise UserError(f"these settings do not build a model, an optimizer and a schedule: "
+                        f"{one_line(error, with_type=True)}") from None
+
+
+def report_training(optimizer, scheduler, criterion, outputs, hp):
+    """Prints the loss, the optimizer and the schedule as built (describe_training), with a note where they differ
+    from the settings; returns them for run.json."""
+    built, lines = describe_training(optimizer, scheduler, hp)
+    print(f"Loss: {loss_name(criterion)} (the model returns {outputs})")
+    print("\n".join(lines))
+    return {"loss": loss_name(criterion), **built}
+
+
+def describe_training(optimizer, scheduler, hp):
+    """({optimizer, schedule} for run.json, the lines to print): what was built, as the objects themselves say, and
+    a note wherever that differs from the settings, which a learner's edit of build_optimizer can make happen
+    (lr=0.001 typed in, Adam in place of SGD)."""
+    built = {key: value for key, value in optimizer.defaults.items()
+             if key in ("lr", "momentum", "betas", "nesterov", "weight_decay", "eps") and value is not None}
+    built = {"class": type(optimizer).__name__, **{key: list(v) if isinstance(v, tuple) else v
+                                                   for key, v in built.items()}}
+    schedule = {"class": type(scheduler).__name__, "starting_lr": optimizer.param_groups[0]["lr"]}
+    if "max_lr" in optimizer.param_groups[0]:  # OneCycleLR (or CyclicLR): its cycle replaces the optimizer's lr
+        schedule["peak_lr"] = optimizer.param_groups[0]["max_lr"]
+    lines = [f"Optimizer: {built['class']}(" + ", ".join(f"{k}={v}" for k, v in built.items() if k != "class")
+             + f"); schedule: {schedule['class']}, starting at lr {schedule['starting_lr']:.3g}"
+             + (f", peaking at {schedule['peak_lr']:.3g}" if "peak_lr" in schedule else "")]
+    notes = []
+    if built["class"] != "SGD":
+        notes.append(f"the optimizer is {built['class']}, not SGD: MOMENTUM and NESTEROV describe SGD's, and "
+                     f"are used only as far as build_optimizer passes them on")
+    if "peak_lr" in schedule:
+        if built["lr"] != schedule["peak_lr"]:
+            notes.append(f"OneCycleLR sets the lr itself, peaking at {schedule['peak_lr']:g}: the lr "
+                         f"{built['lr']:g} the optimizer was built with is not used")
+    elif built["lr"] != hp["LR"]:
+        notes.append(f"the optimizer's lr is {built['lr']:g}, not LR={hp['LR']:g} of the settings: build_optimizer "
+                     f"does not pass hp[\"LR\"] on")
+    if built.get("weight_decay", 0) != hp["WEIGHT_DECAY"]:
+        notes.append(f"the optimizer's weight decay is {built.get('weight_decay', 0):g}, not "
+                     f"WEIGHT_DECAY={hp['WEIGHT_DECAY']:g} of the settings")
+    if built["class"] == "SGD" and "peak_lr" not in schedule and built["momentum"] != hp["MOMENTUM"]:
+        notes.append(f"the optimizer's momentum is {built['momentum']:g}, not MOMENTUM={hp['MOMENTUM']:g} of the "
+                     f"settings")
+    lines += [textwrap.fill("Note: " + note, width=118, subsequent_indent="  ") for note in notes]
+    return {"optimizer": built, "schedule": schedule}, lines
+
+
+def unread_settings(defaults, model_class, sources):
+    """The names of the block's settings that nothing reads: no hp["NAME"] (or 'NAME') in the project's source
+    files `sources` ({path: text}), and no argument of model_class's constructor named so. Such a setting is in
+    the block and run.json, and changes nothing."""
+    arguments = {name.upper() for name in inspect.signature(model_class).parameters} if model_class else set()
+    text = "\n".join(sources.values())
+    return [name for name in defaults
+            if name not in arguments and f'"{name}"' not in text and f"'{name}'" not in text]

@@ -1,4 +1,7 @@
 """augment.py, the training augmentation: each kind against torchvision's own transform, and the random draws."""
+import inspect
+import re
+
 import pytest
 import torch
 import torchvision.transforms.functional as TF
@@ -8,7 +11,10 @@ import augment
 import main_mnist
 from test_utils import smooth_digits
 
-EVERY_KIND_ON = {"ROTATION": 15.0, "CROP_P": 0.1, "CROP_SIZE": 22, "SHIFT": 2}  # explicit: whatever the block says
+# The settings random_augment reads, as augment.py names them: a kind a learner adds is among them by itself.
+KINDS = sorted(set(re.findall(r'settings\["(\w+)"\]', inspect.getsource(augment))))
+# The block's settings with every kind of the original on, explicitly: whatever the block says of them.
+EVERY_KIND_ON = {**main_mnist.SETTINGS, "ROTATION": 15.0, "CROP_P": 0.1, "CROP_SIZE": 22, "SHIFT": 2}
 
 
 def torchvision_transforms(image, angle, crop, offset=(0, 0)):
@@ -64,7 +70,7 @@ def test_random_augment_draws_each_images_parameters_from_the_settings(monkeypat
 
 def test_a_zero_turns_an_augmentation_off_and_all_zeros_draw_nothing():
     images = smooth_digits().float() / 255
-    off = {**EVERY_KIND_ON, "ROTATION": 0, "CROP_P": 0, "SHIFT": 0}
+    off = {**EVERY_KIND_ON, **{name: 0 for name in KINDS if name != "CROP_SIZE"}}  # each kind's 0 turns it off
     torch.manual_seed(0)
     before = torch.get_rng_state()
     assert torch.equal(augment.random_augment(images, off), images)
@@ -75,6 +81,6 @@ def test_a_zero_turns_an_augmentation_off_and_all_zeros_draw_nothing():
 
 
 def test_the_blocks_augmentation_settings_are_the_ones_random_augment_reads():
-    names = {"ROTATION", "CROP_P", "CROP_SIZE", "SHIFT"}
-    assert names <= set(main_mnist.SETTINGS)
+    names = set(KINDS)
+    assert {"ROTATION", "CROP_P", "CROP_SIZE", "SHIFT"} <= names <= set(main_mnist.SETTINGS)
     augment.random_augment(torch.zeros(4, 1, 28, 28), {name: main_mnist.SETTINGS[name] for name in names})

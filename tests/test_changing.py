@@ -133,7 +133,7 @@ def test_a_model_that_returns_raw_scores_trains_with_cross_entropy_and_predict_r
     result = run(copy, *DRY, "--model", "Net", "--data-dir", real_data_dir, "--out-dir", str(out_dir))
     assert result.returncode == 0, result.stderr
     assert "Loss: F.cross_entropy (the model returns raw scores)" in result.stdout
-    assert record(out_dir)["loss"] == "cross_entropy"
+    assert record(out_dir)["loss"] == "F.cross_entropy"
 
     image = Image.new("L", (120, 120), 255)
     ImageDraw.Draw(image).line([(60, 10), (60, 110)], fill=0, width=12)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 from torch.utils.data import DataLoader, TensorDataset
 
+import main_mnist
 import utils
 from machinery import figures, files, hardware, lr_finder
 from machinery.errors import NonFiniteLoss, UserError
@@ -17,7 +18,7 @@ from model import Net
 from utils import (GetCorrectPredCount, MnistBatches, get_testloader, get_trainloader,
                    load_mnist, model_summary)
 
-AUGMENTED = {"ROTATION": 15.0, "CROP_P": 0.5, "CROP_SIZE": 22, "SHIFT": 2}  # every kind on, whatever the block says
+AUGMENTED = {**main_mnist.SETTINGS, "ROTATION": 15.0, "CROP_P": 0.5, "CROP_SIZE": 22, "SHIFT": 2}  # every kind on
 
 
 # ---- Data ----
@@ -188,9 +189,37 @@ class Returns(nn.Module):
 
 def test_the_loss_fits_what_forward_returns():
     images = torch.randn(8, 1, 28, 28)
-    assert utils.loss_function(Net(), images) is F.nll_loss  # log_softmax out, as the original
-    assert utils.loss_function(ScoresNet(), images) is F.cross_entropy
-    assert utils.loss_function(Returns(lambda n: torch.zeros(n, 10)), images) is F.cross_entropy
+    assert utils.check_output(Net(), images) == "log-probabilities"  # log_softmax out, as the original
+    assert utils.loss_function("log-probabilities") is F.nll_loss
+    assert utils.check_output(ScoresNet(), images) == "raw scores"
+    assert utils.check_output(Returns(lambda n: torch.zeros(n, 10)), images) == "raw scores"
+    assert utils.loss_function("raw scores") is F.cross_entropy
+
+
+@pytest.mark.parametrize("outputs", ["log-probabilities", "raw scores"])
+def test_label_smoothing_is_the_same_loss_on_scores_and_on_their_log_probabilities(outputs):
+    scores, targets = torch.randn(16, 10), torch.arange(16) % 10
+    criterion = utils.loss_function(outputs, label_smoothing=0.1)
+    given = scores.log_softmax(dim=1) if outputs == "log-probabilities" else scores
+    expected = nn.CrossEntropyLoss(label_smoothing=0.1)(scores, targets)
+    assert torch.allclose(criterion(given, targets), expected)
+    assert utils.loss_name(criterion) == "F.cross_entropy(label_smoothing=0.1)"
+    assert utils.loss_name(nn.CrossEntropyLoss(label_smoothing=0.1)) == "CrossEntropyLoss(label_smoothing=0.1)"
+
+
+def test_an_output_that_changes_from_call_to_call_in_eval_mode_is_one_line():
+    class DropoutLeftOn(nn.Module):  # F.dropout's training argument is True unless it is given
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            return F.log_softmax(self.fc(F.dropout(x.flatten(1), 0.1)), dim=1)
+    model, images = DropoutLeftOn(), torch.randn(8, 1, 28, 28)
+    rng = torch.get_rng_state()
+    with pytest.raises(UserError, match="changes from one call to the next") as error:
+        utils.check_output(model, images)
+    assert "\n" not in str(error.value) and torch.equal(torch.get_rng_state(), rng)
 
 
 @pytest.mark.parametrize("make, expected", [
@@ -201,14 +230,14 @@ def test_the_loss_fits_what_forward_returns():
 ])
 def test_a_forward_that_returns_something_else_gets_one_line(make, expected):
     with pytest.raises(UserError) as error:
-        utils.loss_function(Returns(make), torch.zeros(8, 1, 28, 28))
+        utils.check_output(Returns(make), torch.zeros(8, 1, 28, 28))
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_forward_that_fails_on_the_input_gets_one_line():
     model = nn.Sequential(nn.Flatten(), nn.Linear(100, 10))  # a layer sized for another input
     with pytest.raises(UserError, match=r"forward fails on a batch of shape \[8, 1, 28, 28\]: mat1 and mat2") as error:
-        utils.loss_function(model, torch.zeros(8, 1, 28, 28))
+        utils.check_output(model, torch.zeros(8, 1, 28, 28))
     assert "\n" not in str(error.value)
 
 
@@ -219,7 +248,7 @@ def test_checking_the_output_leaves_training_as_it_was():
     state = {name: value.clone() for name, value in model.state_dict().items()}
     images = torch.randn(8, 1, 28, 28)
     rng = torch.get_rng_state()
-    utils.loss_function(model, images)
+    utils.check_output(model, images)
     assert model.training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())  # BN stats too
 
@@ -228,7 +257,7 @@ def test_training_on_raw_scores_with_cross_entropy_lowers_the_loss():
     torch.manual_seed(0)
     model = ScoresNet()
     loader = separable_loader()
-    criterion = utils.loss_function(model, next(iter(loader))[0])
+    criterion = utils.loss_function(utils.check_output(model, next(iter(loader))[0]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = [utils.train(model, "cpu", loader, optimizer, criterion)[0] for _ in range(5)]
     assert losses[-1] < losses[0] / 2 and min(losses) > 0  # cross entropy is never negative
