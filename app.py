@@ -4,11 +4,15 @@ A page on this computer only (127.0.0.1): a drawing pad, the model's top 3 answe
 received, made from the drawing by images.to_mnist as predict.py makes it from a file. Needs gradio
 (pip install -r requirements-demo.txt); the training scripts do not.
 """
-import argparse
-import io
-import os
-import sys
-import types
+from machinery.errors import prepare_console
+
+if __name__ == "__main__":  # before gradio and torch load: Ctrl-C, closed or narrow consoles said in a word
+    prepare_console()
+
+import io  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
 
 # Before gradio is imported: no usage statistics sent, and no reaching for the Hugging Face Hub. The page works
 # with no network at all.
@@ -21,18 +25,31 @@ import numpy as np  # noqa: E402
 from gradio.components.image_editor import EditorDataBlobs  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 from predict import CHECKPOINT_HELP, MAX_PIXELS, answer, classify, load_reader, open_image, too_large  # noqa: E402
-from machinery.errors import UserError  # noqa: E402
+from machinery.errors import OneLineParser, UserError  # noqa: E402
 from machinery.hardware import pick_device  # noqa: E402
-from machinery.images import to_mnist  # noqa: E402
+from machinery.images import grey_pixels, to_mnist  # noqa: E402
 
 NOTHING_DRAWN = "Nothing drawn yet: draw a digit on the pad first."
+ALL_INK = "The pad is all ink, so nothing on it stands out: clear it and draw one digit."
 SHOWN_SCALE = 10  # the 28x28 image is shown 280x280, each pixel a sharp square rather than a browser-blurred one
 # The largest file the page accepts, of any upload to it. The pad sends its drawing as PNGs of a few KB (280x280
 # RGBA is 314 KB even uncompressed); without a limit gradio took 300 MB and kept it in its temp folder. Larger
 # files are refused (HTTP 413) while they arrive, and nothing of them is kept. The pixels of an image are capped
 # apart, by predict.MAX_PIXELS, since a small PNG can hold a huge image.
 MAX_UPLOAD_BYTES = 10_000_000
+# The largest request of any kind, JSON included (a drawing can be sent as base64 in the JSON of the read_digit
+# route, which max_file_size does not cover: a 600 MB one took the server to 3.3 GB). Room for an upload of
+# MAX_UPLOAD_BYTES and its multipart wrapping, so that gradio's own, clearer refusal answers those.
+MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 2_000_000
 CACHE_S = 3600  # the drawings the page was sent are deleted from gradio's temp folder after an hour
+
+
+def port_number(text):
+    """--port's value: a TCP port a page can be served on, 1 to 65535 (argparse says so in one line otherwise)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
 
 
 def drawing_pad(**options):
@@ -82,8 +99,9 @@ def read_drawing(model, device, calibration, drawing):
         return None, None, too_large("The drawing", width, height)
     try:
         digit = to_mnist(composite, name="the drawing")
-    except UserError:  # a pad with no ink on it
-        return None, None, NOTHING_DRAWN
+    except UserError:  # a pad with no ink on it, or covered in it: nothing stands out
+        covered = float(grey_pixels(composite).mean()) < 0.5  # mostly dark, where the pad is white
+        return None, None, ALL_INK if covered else NOTHING_DRAWN
     probs = classify(model, device, digit.unsqueeze(0), calibration)[0]
     best = answer(probs, digit, calibration)
     shown = np.kron((digit.numpy() * 255).round().astype(np.uint8), np.ones((SHOWN_SCALE, SHOWN_SCALE), np.uint8))
@@ -120,16 +138,18 @@ def build_page(model, device, model_name, checkpoint, calibration):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="A page to draw a digit on and see what the model reads.")
+    parser = OneLineParser(description="A page to draw a digit on and see what the model reads.")
     parser.add_argument("--checkpoint", metavar="PATH", help=CHECKPOINT_HELP)
-    parser.add_argument("--port", type=int, default=7860, help="the local port of the page (default: 7860)")
+    parser.add_argument("--port", type=port_number, default=7860, help="the local port of the page, 1 to 65535 "
+                                                                      "(default: 7860)")
     args = parser.parse_args(argv)
 
     device = pick_device()
     model_name, model, checkpoint, calibration = load_reader(args.checkpoint, device)
     page = build_page(model, device, model_name, checkpoint, calibration)
     try:
-        page.launch(server_name="127.0.0.1", server_port=args.port, show_error=True, max_file_size=MAX_UPLOAD_BYTES)
+        page.launch(server_name="127.0.0.1", server_port=args.port, show_error=True, max_file_size=MAX_UPLOAD_BYTES,
+                    app_kwargs={"max_body_size": MAX_REQUEST_BYTES})
     except OSError:  # gradio's way of saying that the port is taken
         sys.exit(f"error: cannot serve the page on 127.0.0.1:{args.port}: the port is in use "
                  f"(choose another with --port N)")

@@ -3,10 +3,10 @@
 Edit the hyperparameters below, or override any of them with its flag (--epochs 1, --lr 0.05, ...). Each run writes
 into a new folder of its own, OUT_DIR/<date>_<time>_<model>; `python3 main_mnist.py --compare` puts runs side by side.
 """
-from machinery.errors import quiet_ctrl_c
+from machinery.errors import prepare_console
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): a word, not the traceback of an import
-    quiet_ctrl_c()
+if __name__ == "__main__":  # before torch loads: Ctrl-C, closed or narrow consoles said in a word, not a traceback
+    prepare_console()
 
 import os
 import random

@@ -5,12 +5,11 @@ on black, cropped to the ink, fitted to 20x20 and centred by mass in 28x28). Pri
 probabilities of each image, and draws predictions.png: each image as given, as the model saw it, and the ten
 probabilities. By default the model is the one of the newest finished run in OUT_DIR (main_mnist.py).
 """
-from machinery.errors import quiet_ctrl_c
+from machinery.errors import prepare_console
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): a word, not the traceback of an import
-    quiet_ctrl_c()
+if __name__ == "__main__":  # before torch loads: Ctrl-C, closed or narrow consoles said in a word, not a traceback
+    prepare_console()
 
-import argparse
 import os
 import sys
 import warnings
@@ -19,7 +18,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from machinery import records
-from machinery.errors import UserError, one_line
+from machinery.errors import OneLineParser, UserError, one_line
+from machinery.files import FIGURE_FORMATS
 from machinery.figures import SHOWN_SIZE, plot_predictions
 from machinery.hardware import pick_device
 from machinery.images import mnist_batch, to_mnist
@@ -60,7 +60,12 @@ def load_reader(checkpoint, device):
         name, model = records.load_model(path, device)
     except UserError as error:
         sys.exit(f"error: {error}")
-    print(f"Model: {name} from {path}" + ("" if checkpoint else " (the newest finished run)"))
+    try:
+        final = records.read_record(os.path.dirname(os.path.abspath(path)))["final_test_acc"]
+        accuracy = "its accuracy not recorded" if final is None else f"{final:.2f}% on the test set"
+    except UserError:  # a file of its own, without its run's record
+        accuracy = f"its accuracy unknown: no {records.RECORD} beside it"
+    print(f"Model: {name} from {path} ({'' if checkpoint else 'the newest finished run, '}{accuracy})")
     calibration = records.calibration_of(path)
     if calibration:
         print(f"Calibration of its run: temperature {calibration['temperature']:.2f}; \"not sure\" below "
@@ -107,6 +112,8 @@ def open_image(source, name):
 def read_image(path):
     """(the image, made small for predictions.png, and its 28x28 MNIST version); UserError naming the file if it
     cannot be read, is too large or is blank."""
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):  # never waited on, never read
+        raise UserError(f"{path}: not a plain file (a pipe or a device): only image files are read")
     with open_image(path, path) as image:
         try:
             image.load()  # the whole file is decoded here, so a truncated one fails here
@@ -117,6 +124,19 @@ def read_image(path):
     shown = image.convert("RGBA")  # as plot_predictions draws it; a 12-megapixel photo is not kept whole
     shown.thumbnail(SHOWN_SIZE)
     return shown, digit
+
+
+def check_out(path, images):
+    """UserError unless `path` (--out) may be written: a new name or a plain file of one's own, not one of the
+    `images` read, with an extension that names a format (files.FIGURE_FORMATS)."""
+    if os.path.splitext(path)[1].lower() not in FIGURE_FORMATS:
+        raise UserError(f"--out {path}: its extension names no format a figure is saved in; end it in "
+                        f"{', '.join(FIGURE_FORMATS)}")
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+        raise UserError(f"--out {path}: not a plain file (a link, a device, a folder...), which is never replaced; "
+                        f"name a new file")
+    if os.path.exists(path) and any(os.path.exists(image) and os.path.samefile(path, image) for image in images):
+        raise UserError(f"--out {path} is one of the images read: name another file, so that it is not replaced")
 
 
 def image_paths(names):
@@ -161,18 +181,23 @@ def top3_line(path, probs, digit, calibration):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Read handwritten digits from image files with a trained model.")
+    parser = OneLineParser(description="Read handwritten digits from image files with a trained model.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...), or folders of them")
     parser.add_argument("--checkpoint", metavar="PATH", help=CHECKPOINT_HELP)
     parser.add_argument("--out", metavar="PATH", default="predictions.png",
-                        help="where to draw the images and their probabilities (default: predictions.png)")
+                        help=f"where to draw the images and their probabilities: a new file or one of yours, "
+                             f"ending in {', '.join(FIGURE_FORMATS)} (default: predictions.png)")
     args = parser.parse_args(argv)
 
+    paths, failed = image_paths(args.images)
+    try:
+        check_out(args.out, paths)  # before anything is loaded: nothing of the user's is ever written over
+    except UserError as error:
+        sys.exit(f"error: {error}")
     device = pick_device()
     _, model, _, calibration = load_reader(args.checkpoint, device)
 
     # Each image on its own: one that cannot be read is named on stderr, and the others are still read.
-    paths, failed = image_paths(args.images)
     read = []
     for path in paths:
         try:

@@ -93,6 +93,19 @@ def _offline_message(raw_dir, reason):
     )
 
 
+class RawMNIST(datasets.MNIST):
+    """torchvision's MNIST read from the four original files alone, whose checksums check_mnist_files knows. Its
+    legacy MNIST/processed/{training,test}.pt, which torchvision would read first and without any check (a
+    100-image test set, labels of 11), are passed over."""
+
+    def _check_legacy_exist(self):
+        return False
+
+    @property
+    def raw_folder(self):  # torchvision names the folder after the class: MNIST's own, not RawMNIST
+        return mnist_raw_dir(self.root)
+
+
 def load_mnist(data_dir, train):
     """(images, labels) of MNIST's training (60,000) or test (10,000) set: uint8 [N, 28, 28] and int64 [N].
 
@@ -105,7 +118,7 @@ def load_mnist(data_dir, train):
     try:
         # torchvision prints each mirror it tries; our message below says what matters.
         with contextlib.redirect_stdout(io.StringIO()):
-            dataset = datasets.MNIST(data_dir, train=train, download=True)
+            dataset = RawMNIST(data_dir, train=train, download=True)
     except (RuntimeError, OSError) as error:
         lines = str(error).strip().splitlines()
         raise UserError(_offline_message(raw_dir, lines[-1] if lines else type(error).__name__)) from None

@@ -2,6 +2,7 @@
 
 UserError's message is printed alone (`error: ...`), without a traceback, and the script exits non-zero.
 """
+import argparse
 import os
 import signal
 import sys
@@ -13,6 +14,13 @@ class UserError(Exception):
 
 class NonFiniteLoss(ArithmeticError):
     """The loss or the weights became NaN or infinite: the weights are garbage from here on."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, whose error is one line that names the problem (exit 2), not the usage text and then it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def one_line(error, with_type=False):
@@ -40,6 +48,3 @@ def prepare_console():
             setattr(sys, name, open(os.devnull, "w"))
         elif hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-
-
-quiet_ctrl_c = prepare_console

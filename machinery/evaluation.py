@@ -13,12 +13,19 @@ from utils import (check_output, confusion_matrix, get_testloader, loss_function
 
 def report_test_set(model, device, test_loader, amp, folder):
     """Per-class accuracy and the calibration on the console; the misclassified grid, the confusion matrix and the
-    reliability diagram as figures. Returns the calibration (robustness.calibrate) for run.json."""
+    reliability diagram as figures. Returns the calibration (robustness.calibrate) for run.json, None where the
+    test images are too few to fit one (a dry run with --test-batch-size 1)."""
     log_probabilities, labels = predict(model, device, test_loader, amp)
     probabilities = log_probabilities.exp()
     matrix = confusion_matrix(probabilities.argmax(dim=1), labels)
     accuracies = per_class_accuracy(matrix)
     print("Per-class test accuracy: " + "  ".join(f"{digit}: {acc:.2f}%" for digit, acc in enumerate(accuracies)))
+    with runs.uninterrupted():
+        plot_misclassified(test_loader.images, probabilities, labels, os.path.join(folder, records.MISCLASSIFIED))
+        plot_confusion_matrix(matrix, os.path.join(folder, records.CONFUSION))
+    if len(labels) < robustness.LEAST_TO_CALIBRATE:
+        print(f"Calibration: none, from {len(labels)} test image: each half of the test set must hold one")
+        return None
     calibration = robustness.calibrate(log_probabilities, labels)
     print(f"Calibration: expected calibration error {100 * calibration['ece_before']:.2f}% as trained, "
           f"{100 * calibration['ece_after']:.2f}% at temperature {calibration['temperature']:.2f}; \"not sure\" "
@@ -27,8 +34,6 @@ def report_test_set(model, device, test_loader, amp, folder):
           f"of them wrongly (each half of the test set scored with the other half's fit)")
     scaled = (log_probabilities / calibration["temperature"]).softmax(dim=1)
     with runs.uninterrupted():
-        plot_misclassified(test_loader.images, probabilities, labels, os.path.join(folder, records.MISCLASSIFIED))
-        plot_confusion_matrix(matrix, os.path.join(folder, records.CONFUSION))
         plot_reliability(robustness.reliability(probabilities, labels), robustness.reliability(scaled, labels),
                          os.path.join(folder, records.RELIABILITY), calibration["ece_before"],
                          calibration["ece_after"], calibration["temperature"])
@@ -62,7 +67,7 @@ def evaluate_only(args, device, defaults, recipes):
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device,
                                  max_batches=1 if args.dry_run else None, layout=hp["LAYOUT"])
     print(f"Evaluating {model_name} from {args.checkpoint} on {device}; figures go to {folder}")
-    record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="eval-only")
+    record = runs.new_record(hp, model, device, amp, args.argv, mode="eval-only")
     criterion = loss_function(check_output(model, test_loader.sample()))
     record.update(checkpoint=os.path.abspath(args.checkpoint), epochs_planned=0, loss=loss_name(criterion))
     _, record["final_test_acc"] = test(model, device, test_loader, criterion, amp)

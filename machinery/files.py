@@ -33,9 +33,15 @@ def atomic_write(path, write):
         raise
 
 
+# The formats a figure may be saved in, by the extension of its file's name
+FIGURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+
+
 def save_figure(fig, path):
-    """A matplotlib figure as a PNG at `path`, whole or not at all."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    """A matplotlib figure at `path`, in the format its extension names (FIGURE_FORMATS; PNG for any other), whole
+    or not at all."""
+    file_format = FIGURE_FORMATS.get(os.path.splitext(str(path))[1].lower(), "png")
+    atomic_write(path, lambda f: fig.savefig(f, format=file_format, dpi=100, bbox_inches="tight"))
 
 
 def read_small_file(path, limit):

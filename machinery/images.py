@@ -21,6 +21,9 @@ MASS_CENTRE = 14.0  # where MNIST's centre of mass sits (row and column), measur
 INK_LEVEL = 0.25  # of the ink's range above the background: fainter pixels are paper, shadow or noise
 
 
+SMALLEST_SIDE = 8  # fewer pixels than this across or down can hold no digit: a 2x1 image is refused, not read as one
+
+
 MIN_CONTRAST = 0.1  # the darkest ink must stand this far (0-1 scale) from the background, or the image is blank
 
 
@@ -88,6 +91,9 @@ def to_mnist(image, name="the image"):
     pixels = grey_pixels(image, name)
     if pixels.size == 0:
         raise UserError(f"{name} is blank: it has no pixels")
+    if min(pixels.shape) < SMALLEST_SIDE:
+        raise UserError(f"{name} is {pixels.shape[1]}x{pixels.shape[0]} pixels: too small to hold a digit (at least "
+                        f"{SMALLEST_SIDE} pixels a side)")
     # The background is what most of the outer frame shows; MNIST's is black, so light paper gets inverted.
     frame = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = float(np.median(frame))

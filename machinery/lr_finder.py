@@ -16,6 +16,7 @@ from machinery.figures import plot_lr_finder
 from machinery.hardware import LAYOUTS, choose_precision_and_layout, random_state_kept
 from utils import check_output, get_trainloader, loss_function
 
+STEPS, DRY_RUN_STEPS = 100, 20  # batches of a range test, and of a dry run's
 LR_RULE = "a tenth of the lr where the smoothed loss is lowest (fastai's 'minimum' rule)"
 
 
@@ -86,8 +87,8 @@ def find_learning_rate(args, device, defaults, recipes, build_model, build_optim
     torch.manual_seed(hp["SEED"])
     model = build_model(hp).to(device, memory_format=LAYOUTS[hp["LAYOUT"]])
     criterion = loss_function(check_output(model, train_loader.sample()), hp["LABEL_SMOOTHING"])
-    record = runs.new_record(folder, hp, model, device, amp, args.argv, mode="find-lr")
-    steps = 20 if args.dry_run else 100
+    record = runs.new_record(hp, model, device, amp, args.argv, mode="find-lr")
+    steps = DRY_RUN_STEPS if args.dry_run else STEPS
     print(f"LR range test of {hp['MODEL']}: {steps} batches of {hp['BATCH_SIZE']}, lr from 1e-07 to 10")
     try:
         result = find_lr(model, build_optimizer(model, hp), train_loader, criterion, device, amp, num_iter=steps)
@@ -96,7 +97,9 @@ def find_learning_rate(args, device, defaults, recipes, build_model, build_optim
     plot_path = os.path.join(folder, records.LR_PLOT)
     with runs.uninterrupted():
         plot_lr_finder(result, plot_path, title=f"{os.path.basename(folder)}: {hp['MODEL']}, batch {hp['BATCH_SIZE']}")
-        record.update(status="finished", suggested_lr=result["suggested_lr"], rule=result["rule"])
+        record.update(status="finished", suggested_lr=result["suggested_lr"], rule=result["rule"], dry_run=args.dry_run)
         runs.save_record(folder, record)
-    print(f"Suggested: --lr {result['suggested_lr']:.3g}, by the rule: {result['rule']}.\n"
+    caveat = (f" (a dry run: {steps} steps over the lrs, too few for the loss to say anything; a real range test "
+              f"takes {STEPS} steps without --dry-run)" if args.dry_run else "")
+    print(f"Suggested: --lr {result['suggested_lr']:.3g}, by the rule: {result['rule']}{caveat}.\n"
           f"The smoothed loss was lowest at lr {result['min_loss_lr']:.3g}. Saved: {plot_path}")

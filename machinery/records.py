@@ -327,7 +327,8 @@ def calibration_of(model_path):
 
 
 def latest_finished_run(parent):
-    """The newest folder under `parent` whose run finished training and left its model.pt; None if there is none."""
+    """The newest folder under `parent` whose run finished training and left its model.pt, a dry run never (one
+    batch an epoch: a model that reads nothing); None if there is none."""
     try:
         names = sorted(os.listdir(parent), reverse=True)  # run folders sort by their start
     except OSError:
@@ -338,7 +339,7 @@ def latest_finished_run(parent):
             record = read_record(folder)
         except UserError:  # not a run's folder, or a record this script cannot read: not a candidate
             continue
-        if (record["mode"] == "train" and record["status"] == "finished"
+        if (record["mode"] == "train" and record["status"] == "finished" and not record.get("dry_run")
                 and os.path.isfile(os.path.join(folder, FINAL_MODEL))):
             return folder
     return None

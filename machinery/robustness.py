@@ -17,6 +17,7 @@ from utils import normalize
 
 ROBUSTNESS_IMAGES = 2000  # test images each curve point is measured on: its standard error is under 1 point of accuracy
 ECE_BINS = 15             # confidence bins of the expected calibration error, as Guo et al. (2017)
+LEAST_TO_CALIBRATE = 2    # test images a calibration needs: it fits on one half and scores on the other
 ANSWERED_ERROR = 0.002    # the "not sure" threshold is the lowest confidence at which answers given err at most this often
 # MNIST's digits are strokes of solid ink with soft edges: of the pixels a digit inks (above 0.1), at least this
 # share is solid (above 0.5) in every one of the 60,000 training digits (the least: 0.3947; tests check it). An

@@ -176,6 +176,13 @@ def claim_folder(folder):
     if not present:
         return folder
     checkpoint_path = os.path.join(folder, CHECKPOINT)
+    try:
+        mode = read_record(folder)["mode"]
+    except UserError:
+        mode = "train"
+    if mode != "train":  # an evaluation or an LR range test: finished work of its own, never to be deleted
+        raise UserError(f"{folder} holds the files of --{mode} ({', '.join(present)}): choose another --out-dir, "
+                        f"or leave it out for a new folder of its own")
     if os.path.exists(os.path.join(folder, FINAL_MODEL)):
         raise UserError(f"{folder} already holds a run's files ({', '.join(present)}): choose another --out-dir, "
                         f"or leave it out for a new folder of its own")
@@ -197,11 +204,31 @@ def start(args, defaults, recipes):
         hp = resumed_settings(args, defaults, recipes, checkpoint)
         folder = os.path.dirname(os.path.abspath(args.resume))
         lock_folder(folder)
+        check_own_folder(args.resume, folder, checkpoint)
     else:
         checkpoint, hp = None, start_settings(args, defaults, recipes)
         folder = open_run_folder(args, hp)
     print(f"Run folder: {folder}")
     return hp, folder, checkpoint
+
+
+def check_own_folder(path, folder, checkpoint):
+    """UserError unless the checkpoint at `path` is the one its folder's run wrote: a resumed run writes its files
+    beside its checkpoint, so a checkpoint copied into another run's folder (or under another name) would write
+    over that run."""
+    if os.path.basename(path) != CHECKPOINT:
+        raise UserError(f"{path} is not where a run keeps its checkpoint ({CHECKPOINT} in the run's own folder): a "
+                        f"run resumed from it would write over the files beside it. Resume from the {CHECKPOINT} "
+                        f"of the run's own folder")
+    try:
+        record = read_record(folder)
+    except UserError:  # no run.json, or a damaged one: the checkpoint is the truth (open_record starts a new one)
+        return
+    started = checkpoint.get("started", record.get("started"))  # (a checkpoint of the version before it says not)
+    if record.get("started") != started or record["model"] != checkpoint["hyperparameters"]["MODEL"]:
+        raise UserError(f"{folder} holds another run ({record['model']}, started {record.get('started', '?')}) "
+                        f"than the one {path} is from: a resumed run would write over it. Resume a run from the "
+                        f"{CHECKPOINT} in its own folder, or start a new one")
 
 
 def open_run_folder(args, hp, kind=""):
@@ -271,9 +298,9 @@ def code_label(code):
     return code["commit"][:7] + (f"+{code['changes_hash'][:7]}" if code["uncommitted_changes"] else "")
 
 
-def new_record(folder, hp, model, device, amp, argv, mode="train"):
+def new_record(hp, model, device, amp, argv, mode="train"):
     return {
-        "folder": folder, "mode": mode, "status": "running",
+        "mode": mode, "status": "running",  # (no "folder": where run.json is, is the run's folder, copied or not)
         "model": hp["MODEL"], "parameters": sum(p.numel() for p in model.parameters()),
         "hyperparameters": hp, "dry_run": False,
         "command": shlex.join(["python3", "main_mnist.py", *argv]), "code": code_version(),
@@ -296,7 +323,8 @@ def open_record(folder, checkpoint, hp, model, device, amp, args, **built):
             record = read_record(folder)
         except UserError as error:
             print(f"Note: {error}; a new {RECORD} is started")
-    record = record or new_record(folder, hp, model, device, amp, args.argv)
+    record = record or new_record(hp, model, device, amp, args.argv)
+    record.pop("folder", None)  # (a run.json of the version before says where it was written, copied or not)
     record.update(status="running", error=None, epochs_planned=hp["EPOCHS"], dry_run=args.dry_run,
                   hyperparameters=hp, **built)
     if checkpoint is not None:
@@ -320,22 +348,31 @@ def record_epochs(record, history):
 # ---------------------------------------------------------------------------------------------------------------
 # Saving an epoch, and what a run that stops early leaves and says.
 
-_signals = {"deferring": False, "received": None}
+_signals = {"deferring": False, "received": None, "last": signal.SIGINT}
+
+# The signals that stop a run cleanly: Ctrl-C, `kill`, and a terminal closed under it (SIGHUP, where there is one)
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
 def _on_stop_signal(signum, frame):
+    _signals["last"] = signum
     if _signals["deferring"]:
         _signals["received"] = signum
     else:
         raise KeyboardInterrupt
 
 
+def stopped_exit_code():
+    """The exit status of a script a signal stopped: 130 for Ctrl-C and SIGTERM (as a shell's Ctrl-C), 129 for a
+    closed terminal (128 + SIGHUP)."""
+    return 129 if _signals["last"] == getattr(signal, "SIGHUP", None) else 130
+
+
 @contextmanager
 def stop_signals_handled():
-    """Ctrl-C (SIGINT) and `kill` (SIGTERM) both stop the script as KeyboardInterrupt: one mechanism for both.
-
-    While uninterrupted() writes files, a signal waits until the files are whole."""
-    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """Ctrl-C (SIGINT), `kill` (SIGTERM) and a closed terminal (SIGHUP) all stop the script as KeyboardInterrupt:
+    one mechanism for all. While uninterrupted() writes files, a signal waits until the files are whole."""
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -358,7 +395,7 @@ def script_ends_cleanly():
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         print("Stopped.", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(stopped_exit_code())
     finally:
         release_locks()
 
@@ -387,7 +424,7 @@ def save_epoch(folder, record, model, optimizer, scheduler, history):
     """After an epoch: the checkpoint, metrics.csv, the plot and run.json, each whole or not at all."""
     checkpoint = dict(hyperparameters=record["hyperparameters"], epoch=history[-1]["epoch"], model=model.state_dict(),
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history,
-                      rng=rng_states(), dry_run=record["dry_run"])
+                      rng=rng_states(), dry_run=record["dry_run"], started=record["started"])
     with uninterrupted():
         atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(checkpoint, f))
         record_epochs(record, history)  # only now: epochs_done is what the checkpoint on disk holds
@@ -417,14 +454,15 @@ def print_saved(folder):
 def run_ends_cleanly(folder, record, dry_run):
     """Whatever stops a training run early, its record says so and one message says what is kept and how to go on.
 
-    Ctrl-C / SIGTERM: exit code 130. A write that fails (full disk, folder removed) or a loss that turns NaN: a
-    UserError, so the script prints one line and exits non-zero. The last whole checkpoint is never touched."""
+    Ctrl-C / SIGTERM: exit code 130; SIGHUP (the terminal closed): 129. A write that fails (full disk, folder
+    removed), a loss that turns NaN, or memory that runs out: a UserError, so the script prints one line and exits
+    non-zero. The last whole checkpoint is never touched."""
     try:
         yield
     except KeyboardInterrupt:
-        _mark(folder, record, "stopped", "stopped by Ctrl-C or SIGTERM")
+        _mark(folder, record, "stopped", f"stopped by {signal.Signals(_signals['last']).name}")
         print(f"\nStopped {_when(record)}. {_kept(folder, record, dry_run)}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(stopped_exit_code())
     except NonFiniteLoss as error:
         _mark(folder, record, "failed", one_line(error, with_type=True))
         raise UserError(f"{error} {_when(record)}: the learning rate ({record['hyperparameters']['LR']}) is "
@@ -434,10 +472,30 @@ def run_ends_cleanly(folder, record, dry_run):
         name = error.filename or f"in {folder}"
         raise UserError(f"could not write {name} {_when(record)}: {error.strerror or error}. "
                         f"{_kept(folder, record, dry_run)}") from None
-    except Exception as error:  # a bug, in code a learner changed say: its traceback follows, then what is kept
+    except RuntimeError as error:
+        if not _out_of_memory(error):
+            _failed(folder, record, dry_run, error)
+            raise
         _mark(folder, record, "failed", one_line(error, with_type=True))
-        print(f"\nFailed {_when(record)} ({type(error).__name__}). {_kept(folder, record, dry_run)}", file=sys.stderr)
+        hp = record["hyperparameters"]
+        raise UserError(f"the device ran out of memory {_when(record)} (batch size {hp['BATCH_SIZE']}, test batch "
+                        f"size {hp['TEST_BATCH_SIZE']}): try a smaller --batch-size or --test-batch-size. "
+                        f"{_kept(folder, record, dry_run)}") from None
+    except Exception as error:  # a bug, in code a learner changed say: its traceback follows, then what is kept
+        _failed(folder, record, dry_run, error)
         raise
+
+
+def _failed(folder, record, dry_run, error):
+    """A run stopped by a bug: its record says so, and a line after the traceback says what is kept."""
+    _mark(folder, record, "failed", one_line(error, with_type=True))
+    print(f"\nFailed {_when(record)} ({type(error).__name__}). {_kept(folder, record, dry_run)}", file=sys.stderr)
+
+
+def _out_of_memory(error):
+    """Whether a RuntimeError is an allocation that failed: the CPU's allocator's or a GPU's (OutOfMemoryError)."""
+    return isinstance(error, torch.OutOfMemoryError) or "not enough memory" in str(error) or \
+        "out of memory" in str(error)
 
 
 def _when(record):

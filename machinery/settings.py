@@ -11,13 +11,19 @@ import sys
 import textwrap
 import tokenize
 
-from machinery.errors import UserError, one_line
+from machinery.errors import OneLineParser, UserError, one_line
 from machinery.hardware import LAYOUT_CHOICES
 from model import MODELS
 from utils import loss_name
 
 # The valid choices of the settings that have a fixed list of them; --help shows them, check_settings enforces them.
 CHOICES = {"MODEL": list(MODELS), "LAYOUT": LAYOUT_CHOICES}  # (SCHEDULE's: the branches of build_scheduler)
+
+TRAINING_IMAGES, TEST_IMAGES = 60_000, 10_000  # MNIST's: a batch larger than its set is a mistake
+# The largest lr or weight decay: past it a step multiplies the weights by more than float32 holds (1e39 overflows
+# with a traceback); anything near it diverges at once, which the run says in one line.
+LARGEST_RATE = 1e4
+
 
 # What may change when a run resumes: the optimizer and the schedule come back from the checkpoint as they were.
 RESUMABLE = ["EPOCHS", "DATA_DIR"]
@@ -45,18 +51,13 @@ def setting_comments(path):
     return {name: comments[number] for number, name in names.items() if number in comments}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line that names the problem, rather than the whole usage text
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv, defaults, recipes, helps, builders=None):
     """The flags given (a setting's attribute exists only when its flag was given), checked with the settings they
     make (check_settings, then check_builds with `builders`, main_mnist.py's build_model, build_optimizer and
     build_scheduler): a bad value stops here, with one line and exit code 2, before any work."""
     recipe_lines = "\n".join(f"  {model}: " + (", ".join(f"{k}={v}" for k, v in recipe.items()) or "the settings as they are")
                              for model, recipe in recipes.items())
-    parser = _Parser(description="Train a digit classifier on MNIST.", formatter_class=argparse.RawTextHelpFormatter,
+    parser = OneLineParser(description="Train a digit classifier on MNIST.", formatter_class=argparse.RawTextHelpFormatter,
                      allow_abbrev=False,  # --epoch is a typo, not --epochs
                      epilog=f"recipes applied by --model (flags given still win):\n{recipe_lines}")
     for name, default in defaults.items():
@@ -190,12 +191,13 @@ def check_settings(hp):
         ("MODEL", hp["MODEL"] in CHOICES["MODEL"], f"must be one of {', '.join(CHOICES['MODEL'])}"),
         ("LAYOUT", hp["LAYOUT"] in CHOICES["LAYOUT"], f"must be one of {', '.join(CHOICES['LAYOUT'])}"),
         ("EPOCHS", whole("EPOCHS", 1), "must be a whole number, at least 1"),
-        ("BATCH_SIZE", whole("BATCH_SIZE", 1), "must be a whole number, at least 1"),
-        ("TEST_BATCH_SIZE", whole("TEST_BATCH_SIZE", 1), "must be a whole number, at least 1"),
-        ("LR", number("LR", 0, float("inf")) and 0 < hp["LR"] < float("inf"), "must be a positive number"),
+        ("BATCH_SIZE", whole("BATCH_SIZE", 1) and hp["BATCH_SIZE"] <= TRAINING_IMAGES,
+         f"must be a whole number from 1 to {TRAINING_IMAGES:,} (the training images)"),
+        ("TEST_BATCH_SIZE", whole("TEST_BATCH_SIZE", 1) and hp["TEST_BATCH_SIZE"] <= TEST_IMAGES,
+         f"must be a whole number from 1 to {TEST_IMAGES:,} (the test images)"),
+        ("LR", number("LR", 0, LARGEST_RATE) and hp["LR"] > 0, f"must be a positive number, at most {LARGEST_RATE:g}"),
         ("MOMENTUM", number("MOMENTUM", 0, 1) and hp["MOMENTUM"] < 1, "must be in [0, 1)"),
-        ("WEIGHT_DECAY", number("WEIGHT_DECAY", 0, float("inf")) and hp["WEIGHT_DECAY"] < float("inf"),
-         "must be 0 or more"),
+        ("WEIGHT_DECAY", number("WEIGHT_DECAY", 0, LARGEST_RATE), f"must be a number from 0 to {LARGEST_RATE:g}"),
         ("STEP_SIZE", whole("STEP_SIZE", 1), "must be a whole number, at least 1"),
         ("GAMMA", number("GAMMA", 0, 1) and hp["GAMMA"] > 0, "must be in (0, 1]"),
         ("NESTEROV", not hp["NESTEROV"] or hp["MOMENTUM"] > 0, "needs a MOMENTUM above 0"),

@@ -265,3 +265,35 @@ def test_an_image_the_pad_keeps_in_memory_is_measured_too(demo_extras, tmp_path)
     assert not pad.blob_storage  # not kept either
     assert app.read_drawing(None, "cpu", predict.UNCALIBRATED, drawing) == (None, None, drawing["refused"])
     assert not os.path.exists(os.path.join(REPO, "app.pyi"))  # which gradio writes for a subclass of its components
+
+
+def test_a_request_of_any_kind_over_the_limit_is_refused_before_it_is_read(app_server):
+    import app
+    drawing = {"composite": {"url": "data:image/png;base64," + "A" * (app.MAX_REQUEST_BYTES + 1_000_000)}}
+    request = urllib.request.Request(app_server.url + "gradio_api/call/read_digit",
+                                     data=json.dumps({"data": [drawing]}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    before = peak_memory_mb(app_server.pid)
+    with pytest.raises(urllib.error.URLError) as refused:  # 413, or the connection closed while it still sent
+        urllib.request.urlopen(request, timeout=60)
+    assert getattr(refused.value, "code", 413) == 413
+    assert peak_memory_mb(app_server.pid) - before < app.MAX_REQUEST_BYTES / 1e6  # the body was never held whole
+    with urllib.request.urlopen(app_server.url, timeout=30) as page:  # and the page still serves
+        assert page.status == 200
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-5", "http"])
+def test_a_port_no_page_can_be_served_on_is_one_line(demo_extras, port, capsys):
+    import app
+    with pytest.raises(SystemExit) as stop:
+        app.main(["--port", port])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--port" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_pad_covered_in_ink_says_so_rather_than_nothing_drawn(demo_extras):
+    import app
+    covered = np.zeros((280, 280, 4), dtype=np.uint8)
+    covered[..., 3] = 255  # opaque black all over
+    answer, image, message = app.read_drawing(None, "cpu", None, {"composite": covered})
+    assert (answer, image, message) == (None, None, app.ALL_INK)

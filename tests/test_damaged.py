@@ -90,7 +90,7 @@ def test_runs_with_no_finished_epoch_are_listed_without_curves(tiny_mnist, tmp_p
     for name in ("in-epoch-1", "killed-in-epoch-1"):
         folder = tmp_path / name
         folder.mkdir()
-        write_json(folder / "run.json", runs.new_record(str(folder), main_mnist.SETTINGS, torch.nn.Linear(1, 1),
+        write_json(folder / "run.json", runs.new_record(main_mnist.SETTINGS, torch.nn.Linear(1, 1),
                                                         torch.device("cpu"), False, []))
     runs.lock_folder(tmp_path / "in-epoch-1")  # its process still lives
     try:

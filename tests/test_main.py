@@ -199,8 +199,9 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tiny_mni
     assert set(checkpoint) >= {"model", "optimizer", "scheduler", "history", "rng"}
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(real_data_dir, tmp_path, stop_signal, cpu_only):
+@pytest.mark.parametrize("stop_signal, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 130),
+                                                    (signal.SIGHUP, 129)])  # SIGHUP: the terminal closed
+def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(real_data_dir, tmp_path, stop_signal, exit_code, cpu_only):
     out_dir = tmp_path / "out"
     common = ["--dry-run", "--data-dir", real_data_dir, *FAST, *EXTENSIBLE]
     process = subprocess.Popen([sys.executable, "main_mnist.py", *common, "--epochs", "1000", "--out-dir",
@@ -211,7 +212,7 @@ def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(real_data_dir, tmp_p
         time.sleep(0.05)
     process.send_signal(stop_signal)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == exit_code
     assert "Traceback" not in stderr
     resume_command = f"python3 main_mnist.py --resume {out_dir / 'checkpoint.pt'} --dry-run"
     assert resume_command in stderr

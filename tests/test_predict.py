@@ -242,7 +242,7 @@ def finished_run(parent, name, model_file, status="finished"):
     folder = parent / name
     folder.mkdir(parents=True)
     (folder / "model.pt").write_bytes(open(model_file, "rb").read())
-    record = runs.new_record(str(folder), {**main_mnist.SETTINGS, "MODEL": "CompactNet"}, CompactNet(),
+    record = runs.new_record({**main_mnist.SETTINGS, "MODEL": "CompactNet"}, CompactNet(),
                              torch.device("cpu"), False, [])
     (folder / "run.json").write_text(json.dumps({**record, "status": status}))
     return folder
@@ -257,7 +257,7 @@ def test_the_default_model_is_the_newest_finished_run(trained_model, tmp_path, m
     code, out, err = run_predict(capsys, "seven.png")
     assert code == 0 and err == ""
     newest = os.path.join(OUT_DIR, "2025-01-02_09-00-00_CompactNet", "model.pt")
-    assert f"Model: CompactNet from {newest} (the newest finished run)" in out
+    assert f"Model: CompactNet from {newest} (the newest finished run, its accuracy not recorded)" in out
     assert "seven.png: 7 " in out and "Saved: predictions.png" in out and os.path.isfile("predictions.png")
 
 
