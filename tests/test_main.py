@@ -247,7 +247,7 @@ def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
 def test_a_far_too_high_learning_rate_stops_the_run_with_advice(tiny_mnist, tmp_path):
     out_dir = tmp_path / "out"
     message = exit_message(["--data-dir", tiny_mnist, "--out-dir", str(out_dir), *FAST, "--epochs", "50",
-                            "--lr", "1e6"])
+                            "--lr", str(settings.LARGEST_RATE)])  # the largest the parser takes
     assert message.startswith(("error: the training loss became", "error: the weights became"))
     assert "lower --lr" in message and not (out_dir / "model.pt").exists()
     if (out_dir / "checkpoint.pt").exists():  # only if an epoch ended before the blow-up: then it is a good one
