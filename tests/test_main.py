@@ -339,19 +339,20 @@ ORIGINAL = ["--model", "Net", "--lr", "0.01", "--momentum", "0.9", "--no-nestero
             "--schedule", "step", "--rotation", "15", "--crop-p", "0.1", "--crop-size", "22", "--shift", "0"]
 
 
-def test_the_originals_net_learns_real_digits_in_a_fifth_of_an_epoch(real_data_dir):
-    # The original's functions as a learner calls them: 200 SGD steps of 64 real, augmented images (a fifth of an
-    # epoch; a whole one reaches 97-98%) take Net from chance past 93% on all 10,000 test digits.
+def test_the_originals_net_learns_real_digits_in_a_tenth_of_an_epoch(real_data_dir):
+    # The original's functions as a learner calls them: 100 SGD steps of 64 real, augmented images (a tenth of an
+    # epoch: 88% on an AVX512-BF16 CPU; a whole epoch reaches 97-98%) take Net from chance past 80% on all 10,000
+    # test digits.
     torch.manual_seed(main_mnist.SEED)
     hp = settings_of(ORIGINAL)
-    train_loader = utils.get_trainloader(real_data_dir, 64, max_batches=200, augmentation=hp)
+    train_loader = utils.get_trainloader(real_data_dir, 64, max_batches=100, augmentation=hp)
     test_loader = utils.get_testloader(real_data_dir, 1000)
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"])
     amp = hardware.use_bfloat16("cpu", hp["AMP"])
     utils.train(model, "cpu", train_loader, optimizer, F.nll_loss, amp=amp)
     _, accuracy = utils.test(model, "cpu", test_loader, F.nll_loss, amp)
-    assert accuracy >= 93.0
+    assert accuracy >= 80.0
 
 
 # ---- Evaluate only ----
