@@ -494,8 +494,8 @@ def _failed(folder, record, dry_run, error):
 
 def _out_of_memory(error):
     """Whether a RuntimeError is an allocation that failed: the CPU's allocator's or a GPU's (OutOfMemoryError)."""
-    return isinstance(error, torch.OutOfMemoryError) or "not enough memory" in str(error) or \
-        "out of memory" in str(error)
+    gpu_out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # (torch.cuda's before 2.5)
+    return isinstance(error, gpu_out_of_memory) or "not enough memory" in str(error) or "out of memory" in str(error)
 
 
 def _when(record):
