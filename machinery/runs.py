@@ -32,7 +32,7 @@ from machinery.files import atomic_write
 from machinery.hardware import device_name, precision_name
 from machinery.records import (CHECKPOINT, FINAL_MODEL, METRICS, PLOT, RECORD, RUN_FILES, best_epoch, load_checkpoint,
                                 read_record, rng_states, write_metrics)
-from machinery.settings import resume_command, resumed_settings, start as start_settings
+from machinery.settings import REPO, project_files, resume_command, resumed_settings, start as start_settings
 
 LOCK = ".lock"
 
@@ -242,16 +242,6 @@ def open_run_folder(args, hp, kind=""):
 # ---------------------------------------------------------------------------------------------------------------
 # run.json: what a person reads to know what a run was and how it went. Rewritten whole at every change.
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder above machinery/
-
-
-def _source_files():
-    """The project's .py files, relative to REPO: those at the top and those in machinery/."""
-    return sorted(name for folder in ("", "machinery") for name in
-                  (os.path.join(folder, entry) for entry in os.listdir(os.path.join(REPO, folder)))
-                  if name.endswith(".py"))
-
-
 def _git(*args):
     """The output of a git command in the repo, or None where git is missing, fails or takes too long."""
     try:
@@ -276,7 +266,7 @@ def code_version():
         return {"commit": commit.decode().strip(), "uncommitted_changes": dirty,
                 "changes_hash": changes.hexdigest()[:12] if dirty else None}
     sources = hashlib.sha256()
-    for name in _source_files():
+    for name in project_files():
         sources.update(name.encode() + b"\0" + _read_bytes(os.path.join(REPO, name)))
     return {"source_hash": sources.hexdigest()[:12]}
 

@@ -167,15 +167,22 @@ def setting_notes(hp, given, defaults, recipes, resumed):
     return notes
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder above machinery/
+
+
+def project_files():
+    """The project's .py files, relative to REPO: the learner's at the top and machinery/'s, sorted."""
+    return sorted(name for folder in ("", "machinery") for name in
+                  (os.path.join(folder, entry) for entry in os.listdir(os.path.join(REPO, folder)))
+                  if name.endswith(".py"))
+
+
 def project_sources():
-    """{path: text} of the project's Python files: the learner's at the top and machinery/'s."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """{file: text} of project_files."""
     sources = {}
-    for folder in (repo, os.path.join(repo, "machinery")):
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    sources[os.path.join(folder, name)] = f.read()
+    for name in project_files():
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            sources[name] = f.read()
     return sources
 
 

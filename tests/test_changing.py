@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 import main_mnist
 from conftest import REPO
+from machinery import settings
 
 PACKAGE = "machinery"  # the folder of the machinery behind the learner's files
 DRY = ["--dry-run", "--epochs", "1", "--batch-size", "64", "--test-batch-size", "256"]
@@ -25,8 +26,7 @@ DRY = ["--dry-run", "--epochs", "1", "--batch-size", "64", "--test-batch-size", 
 
 def python_files():
     """The project's Python files, relative to the repo: the learner's at the top, and the package's."""
-    return [os.path.join(folder, name) for folder in ("", PACKAGE) for name in sorted(os.listdir(os.path.join(REPO, folder)))
-            if name.endswith(".py")]
+    return settings.project_files()
 
 
 @pytest.fixture
