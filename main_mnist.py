@@ -8,7 +8,6 @@ from machinery.errors import prepare_console
 if __name__ == "__main__":  # before torch loads: Ctrl-C, closed or narrow consoles said in a word, not a traceback
     prepare_console()
 
-import os
 import random
 import time
 

@@ -60,13 +60,14 @@ def load_reader(checkpoint, device):
         name, model = records.load_model(path, device)
     except UserError as error:
         sys.exit(f"error: {error}")
-    try:
-        final = records.read_record(os.path.dirname(os.path.abspath(path)))["final_test_acc"]
-        accuracy = "its accuracy not recorded" if final is None else f"{final:.2f}% on the test set"
-    except UserError:  # a file of its own, without its run's record
+    record = records.record_beside(path)  # read once, for the accuracy and the calibration
+    if record is None:  # a file of its own, without its run's record
         accuracy = f"its accuracy unknown: no {records.RECORD} beside it"
+    else:
+        final = record["final_test_acc"]
+        accuracy = "its accuracy not recorded" if final is None else f"{final:.2f}% on the test set"
     print(f"Model: {name} from {path} ({'' if checkpoint else 'the newest finished run, '}{accuracy})")
-    calibration = records.calibration_of(path)
+    calibration = records.calibration_of(record)
     if calibration:
         print(f"Calibration of its run: temperature {calibration['temperature']:.2f}; \"not sure\" below "
               f"{100 * calibration['threshold']:.1f}% confidence")

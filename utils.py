@@ -302,6 +302,7 @@ def train(model, device, train_loader, optimizer, criterion, scheduler=None, amp
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
+    step_each_batch = scheduler is not None and not takes_metric(scheduler)  # (step_on_metric steps the others)
     with tqdm(train_loader, desc="Train", dynamic_ncols=True) as pbar:
         for batch_idx, (data, target) in enumerate(pbar):
             data, target = data.to(device), target.to(device)  # no copy when the loader already lives on `device`
@@ -311,7 +312,7 @@ def train(model, device, train_loader, optimizer, criterion, scheduler=None, amp
             loss = criterion(output.float(), target)
             loss.backward()
             optimizer.step()
-            if scheduler is not None and not takes_metric(scheduler):
+            if step_each_batch:
                 scheduler.step()
             loss_sum += loss.detach() * len(target)
             correct += GetCorrectPredCount(output.detach(), target)

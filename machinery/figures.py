@@ -6,7 +6,6 @@ import itertools
 import math
 import os
 
-import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator

@@ -167,17 +167,16 @@ def clear_winner(speeds):
     return None
 
 
-def choose_layout(setting, key, make_model, batch_size, device, amp, folder, timing=True):
+def choose_layout(setting, model_name, make_model, batch_size, device, amp, folder, timing=True):
     """(layout, why): the layout a run uses, and a few words on how it was chosen.
 
     A LAYOUT setting other than "auto" is used as it is. For "auto": the answer remembered in REMEMBERED beside
-    `folder` under `key` (the model's name and anything else that tells its speed) on this machine, torch and
-    precision; else, if `timing`, both layouts timed now (time_layouts), the clear winner kept or, where there is
+    `folder` for this machine, torch, precision, model and batch size; else, if `timing`, both layouts timed now (time_layouts), the clear winner kept or, where there is
     none, default_layout; else (a dry run, an evaluation) default_layout, untimed."""
     if setting != "auto":
         return setting, "set by LAYOUT"
     path = os.path.join(os.path.dirname(os.path.abspath(folder)), REMEMBERED)
-    key = f"{device_name(device)}; torch {torch.__version__}; {precision_name(amp)}; {key}, batch {batch_size}"
+    key = f"{device_name(device)}; torch {torch.__version__}; {precision_name(amp)}; {model_name}, batch {batch_size}"
     remembered, damaged = read_remembered(path)
     if key in remembered:
         return remembered[key]["layout"], f"chosen here before ({path})"
@@ -187,7 +186,7 @@ def choose_layout(setting, key, make_model, batch_size, device, amp, folder, tim
         return default, "the default for its layers: a dry run or an evaluation times nothing"
     speeds = time_layouts(make_model, batch_size, device, amp)
     if not speeds:
-        raise UserError(f"{key.split(';')[-1].strip()} cannot train a step on {device} in any layout")
+        raise UserError(f"{model_name} cannot train a step on {device} in any layout")
     winner = clear_winner(speeds)
     layout = winner or (default if default in speeds else next(iter(speeds)))
     remembered[key] = {"layout": layout, "clear": winner is not None,
@@ -198,7 +197,7 @@ def choose_layout(setting, key, make_model, batch_size, device, amp, folder, tim
     except OSError as error:  # an unwritable folder costs a few seconds of timing next run, nothing more
         where = f"not remembered: {error.strerror or error}"
     timings = " against ".join(f"{name} {statistics.median(rounds):.0f} img/s" for name, rounds in speeds.items())
-    how = "the clear winner" if winner else f"no clear winner, so the default for its layers"
+    how = "the clear winner" if winner else "no clear winner, so the default for its layers"
     return layout, f"{how}; timed now, median of {LAYOUT_ROUNDS} rounds: {timings}; {where}"
 
 

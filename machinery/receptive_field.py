@@ -4,7 +4,6 @@ students work them out by hand. The layers are found by watching a forward pass,
 counts as much as an nn.Conv2d.
 """
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 

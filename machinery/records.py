@@ -193,10 +193,14 @@ def check_checkpoint(checkpoint, path):
     if checkpoint["epoch"] != len(checkpoint["history"]) or checkpoint["epoch"] < 1:
         raise UserError(f"{path} says epoch {checkpoint['epoch']} but holds {len(checkpoint['history'])} epochs' "
                         f"metrics")
-    if checkpoint["hyperparameters"]["MODEL"] not in MODELS:
-        raise UserError(f"{path} is a run of {checkpoint['hyperparameters']['MODEL']}, which model.py does not "
-                        f"define (it has {', '.join(MODELS)})")
+    check_known_model(checkpoint["hyperparameters"]["MODEL"], path)
     return checkpoint
+
+
+def check_known_model(name, path):
+    """UserError if the model a file at `path` names is not one model.py defines."""
+    if name not in MODELS:
+        raise UserError(f"{path} is a run of {name}, which model.py does not define (it has {', '.join(MODELS)})")
 
 
 def restore(checkpoint, model, optimizer, scheduler):
@@ -248,8 +252,7 @@ def load_model(path, device, model_name=None):
     name = saved_name or model_name
     candidates = [name] if name else list(MODELS)
     for candidate in candidates:
-        if candidate not in MODELS:
-            raise UserError(f"{path} is a {candidate}, which model.py does not define (it has {', '.join(MODELS)})")
+        check_known_model(candidate, path)
         model = MODELS[candidate](**model_arguments(MODELS[candidate], hp))
         if _fits(model, state_dict):
             return candidate, model.to(device).eval()
@@ -310,13 +313,19 @@ def read_robustness(folder):
     return curves or None
 
 
-def calibration_of(model_path):
-    """The temperature and "not sure" threshold a training run fitted for its model (run.json's calibration,
-    beside `model_path`), or None: a plain state_dict, a run from before calibration, a damaged record."""
+def record_beside(model_path):
+    """The run.json in the folder of a model file, or None: a file of its own, or a record this script cannot
+    read."""
     try:
-        calibration = read_record(os.path.dirname(os.path.abspath(model_path))).get("calibration")
+        return read_record(os.path.dirname(os.path.abspath(model_path)))
     except UserError:
         return None
+
+
+def calibration_of(record):
+    """The temperature and "not sure" threshold a training run fitted for its model (its run.json's calibration,
+    `record`), or None: no record beside a plain state_dict, a run from before calibration, a damaged record."""
+    calibration = (record or {}).get("calibration")
     if not isinstance(calibration, dict):
         return None
     temperature, threshold = calibration.get("temperature"), calibration.get("threshold")

@@ -37,8 +37,6 @@ from machinery.settings import REPO, project_files, resume_command, resumed_sett
 LOCK = ".lock"
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Run folders and their lock: one writer per folder, and nothing a run wrote is ever overwritten by another.
 
@@ -462,30 +460,22 @@ def run_ends_cleanly(folder, record, dry_run):
         name = error.filename or f"in {folder}"
         raise UserError(f"could not write {name} {_when(record)}: {error.strerror or error}. "
                         f"{_kept(folder, record, dry_run)}") from None
-    except RuntimeError as error:
-        if not _out_of_memory(error):
-            _failed(folder, record, dry_run, error)
-            raise
+    except Exception as error:  # memory run out: one line; a bug (in code a learner changed, say): its traceback
         _mark(folder, record, "failed", one_line(error, with_type=True))
-        hp = record["hyperparameters"]
-        raise UserError(f"the device ran out of memory {_when(record)} (batch size {hp['BATCH_SIZE']}, test batch "
-                        f"size {hp['TEST_BATCH_SIZE']}): try a smaller --batch-size or --test-batch-size. "
-                        f"{_kept(folder, record, dry_run)}") from None
-    except Exception as error:  # a bug, in code a learner changed say: its traceback follows, then what is kept
-        _failed(folder, record, dry_run, error)
+        if _out_of_memory(error):
+            hp = record["hyperparameters"]
+            raise UserError(f"the device ran out of memory {_when(record)} (batch size {hp['BATCH_SIZE']}, test "
+                            f"batch size {hp['TEST_BATCH_SIZE']}): try a smaller --batch-size or --test-batch-size. "
+                            f"{_kept(folder, record, dry_run)}") from None
+        print(f"\nFailed {_when(record)} ({type(error).__name__}). {_kept(folder, record, dry_run)}", file=sys.stderr)
         raise
 
 
-def _failed(folder, record, dry_run, error):
-    """A run stopped by a bug: its record says so, and a line after the traceback says what is kept."""
-    _mark(folder, record, "failed", one_line(error, with_type=True))
-    print(f"\nFailed {_when(record)} ({type(error).__name__}). {_kept(folder, record, dry_run)}", file=sys.stderr)
-
-
 def _out_of_memory(error):
-    """Whether a RuntimeError is an allocation that failed: the CPU's allocator's or a GPU's (OutOfMemoryError)."""
+    """Whether an error is an allocation that failed: the CPU's allocator's or a GPU's (OutOfMemoryError)."""
     gpu_out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # (torch.cuda's before 2.5)
-    return isinstance(error, gpu_out_of_memory) or "not enough memory" in str(error) or "out of memory" in str(error)
+    return isinstance(error, gpu_out_of_memory) or (isinstance(error, RuntimeError) and (
+        "not enough memory" in str(error) or "out of memory" in str(error)))
 
 
 def _when(record):

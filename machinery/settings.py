@@ -19,6 +19,7 @@ from utils import loss_name
 # The valid choices of the settings that have a fixed list of them; --help shows them, check_settings enforces them.
 CHOICES = {"MODEL": list(MODELS), "LAYOUT": LAYOUT_CHOICES}  # (SCHEDULE's: the branches of build_scheduler)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder above machinery/
 TRAINING_IMAGES, TEST_IMAGES = 60_000, 10_000  # MNIST's: a batch larger than its set is a mistake
 # The largest lr or weight decay: past it a step multiplies the weights by more than float32 holds (1e39 overflows
 # with a traceback); anything near it diverges at once, which the run says in one line.
@@ -144,13 +145,16 @@ def print_settings(hp, args, defaults, recipes, resumed=False):
         line += " " + item
     print(line)
     for note in setting_notes(hp, given, defaults, recipes, resumed):
-        print(textwrap.fill("Note: " + note, width=118, subsequent_indent="  ", break_on_hyphens=False))
+        print(as_note(note))
     unused = {name: value for name, value in recipes.get(hp["MODEL"], {}).items() if hp[name] != value}
     if not resumed and "MODEL" not in given and unused:
-        print(textwrap.fill(f"Note: MODEL {hp['MODEL']} comes from the block, which is used as it is; --model "
-                            f"{hp['MODEL']} would apply its recipe: "
-                            + ", ".join(f"{name}={value}" for name, value in unused.items()),
-                            width=118, subsequent_indent="  ", break_on_hyphens=False))
+        print(as_note(f"MODEL {hp['MODEL']} comes from the block, which is used as it is; --model {hp['MODEL']} "
+                      f"would apply its recipe: " + ", ".join(f"{name}={value}" for name, value in unused.items())))
+
+
+def as_note(text):
+    """A note as a run prints it: "Note: " and the text, folded to the console's 118 columns."""
+    return textwrap.fill("Note: " + text, width=118, subsequent_indent="  ", break_on_hyphens=False)
 
 
 def setting_notes(hp, given, defaults, recipes, resumed):
@@ -165,9 +169,6 @@ def setting_notes(hp, given, defaults, recipes, resumed):
                      f"{hp['MODEL']}'s constructor of that name, so {'it changes' if len(unread) == 1 else 'they change'}"
                      f" nothing")
     return notes
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder above machinery/
 
 
 def project_files():
@@ -307,7 +308,7 @@ def describe_training(optimizer, scheduler, hp):
     if built["class"] == "SGD" and "peak_lr" not in schedule and built["momentum"] != hp["MOMENTUM"]:
         notes.append(f"the optimizer's momentum is {built['momentum']:g}, not MOMENTUM={hp['MOMENTUM']:g} of the "
                      f"settings")
-    lines += [textwrap.fill("Note: " + note, width=118, subsequent_indent="  ") for note in notes]
+    lines += [as_note(note) for note in notes]
     return {"optimizer": built, "schedule": schedule}, lines
 
 

@@ -10,7 +10,7 @@ import matplotlib.colors
 import pytest
 import torch
 
-from machinery import figures, records, runs
+from machinery import figures, runs
 import main_mnist
 import utils
 from conftest import REPO

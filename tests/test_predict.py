@@ -295,7 +295,7 @@ def test_images_of_every_pixel_format_are_read_as_their_greyscale_twin(mode, suf
 # ---- Calibration and "not sure" ----
 
 def test_a_trained_run_keeps_its_calibration_and_predict_uses_it(trained_model, tmp_path, capsys):
-    calibration = records.calibration_of(trained_model)
+    calibration = records.calibration_of(records.record_beside(trained_model))
     assert calibration is not None and 0 < calibration["temperature"] and 0 < calibration["threshold"] < 1
     seven_on_paper().save(tmp_path / "seven.png")
     code, out, err = run_predict(capsys, tmp_path / "seven.png", "--checkpoint", trained_model, "--out",
@@ -331,4 +331,4 @@ def test_a_damaged_calibration_is_no_calibration(tmp_path, calibration, trained_
     folder.mkdir()
     record = records.read_record(os.path.dirname(trained_model))
     (folder / records.RECORD).write_text(json.dumps({**record, "calibration": calibration}))
-    assert records.calibration_of(str(folder / records.FINAL_MODEL)) is None
+    assert records.calibration_of(records.record_beside(str(folder / records.FINAL_MODEL))) is None

@@ -14,7 +14,7 @@ import torch
 import main_mnist
 from machinery import compare, files, hardware, runs
 from model import MODELS
-from test_main import EXTENSIBLE, FAST, exit_message, read_metrics, run_script
+from test_main import EXTENSIBLE, FAST, exit_message, read_metrics
 from conftest import REPO, assert_png
 
 
