@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 from gradio.components.image_editor import EditorDataBlobs  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
-from predict import CHECKPOINT_HELP, MAX_PIXELS, answer, classify, load_reader, open_image, too_large  # noqa: E402
+from predict import (CHECKPOINT_HELP, MAX_PIXELS, NOT_A_DIGIT, NOT_SURE, answer, classify, likeliest,  # noqa: E402
+                     load_reader, open_image, too_large)
 from machinery.errors import OneLineParser, UserError  # noqa: E402
 from machinery.hardware import pick_device  # noqa: E402
 from machinery.images import grey_pixels, to_mnist  # noqa: E402
@@ -105,10 +106,10 @@ def read_drawing(model, device, calibration, drawing):
     probs = classify(model, device, digit.unsqueeze(0), calibration)[0]
     best = answer(probs, digit, calibration)
     shown = np.kron((digit.numpy() * 255).round().astype(np.uint8), np.ones((SHOWN_SCALE, SHOWN_SCALE), np.uint8))
-    if best is None:
-        top = probs.topk(3)
-        message = ("**Not sure** this is a digit, or which. The likeliest: "
-                   + ", ".join(f"{int(d)} ({100 * float(p):.0f}%)" for p, d in zip(top.values, top.indices)) + ".")
+    if best == NOT_A_DIGIT:
+        message = f"**Not a digit**, it seems: less sure than of almost any digit. The likeliest: {likeliest(probs)}."
+    elif best == NOT_SURE:
+        message = f"**Not sure** which digit this is. The likeliest: {likeliest(probs)}."
     else:
         message = f"Read as **{best}** ({100 * float(probs[best]):.1f}% sure)."
     return {str(d): float(p) for d, p in enumerate(probs)}, shown, message

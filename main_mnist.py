@@ -14,7 +14,7 @@ import time
 import torch
 import torch.optim as optim
 
-from machinery import compare, evaluation, lr_finder, records, runs, settings
+from machinery import compare, evaluation, lr_finder, non_digits, records, runs, settings
 from machinery.hardware import LAYOUTS, choose_precision_and_layout, pick_device
 from model import MODELS
 from utils import (check_finite, check_output, data_visualization, describe_data, get_testloader, get_trainloader,
@@ -38,6 +38,8 @@ CROP_P = 0.1             # augmentation: probability of a centre crop to CROP_SI
 CROP_SIZE = 22           # augmentation: side of that centre crop, in pixels
 SHIFT = 0                # augmentation: each training image moves by up to SHIFT whole pixels across and down (0: off)
 LABEL_SMOOTHING = 0.0    # loss: this share of each target spread evenly over the ten digits (0: off, the original)
+NON_DIGITS = ""          # loss: kinds of non-digits mixed into each batch, trained toward no digit (non_digits.py; "" off)
+HELD_BACK = 0.0          # share of training images never trained on, where "not sure" is chosen (0: on test-set halves)
 TEST_BATCH_SIZE = 512    # test images per batch (as the original); larger was slower on a CPU, its cache overflowing
 AMP = True               # bfloat16 autocast where the device runs it natively: CUDA, CPUs with AVX512-BF16 or AMX
 LAYOUT = "auto"          # memory layout: channels_last, contiguous, or auto: timed here once (machinery/hardware.py)
@@ -54,7 +56,7 @@ SETTINGS = {name: value for name, value in globals().items()  # the block above,
 RECIPES = {
     "Net": {},
     "CompactNet": {"EPOCHS": 15, "BATCH_SIZE": 128, "LR": 0.2, "MOMENTUM": 0.95, "NESTEROV": True,
-                   "SCHEDULE": "onecycle"},
+                   "SCHEDULE": "onecycle", "NON_DIGITS": "letters,shapes", "HELD_BACK": 0.08},
 }
 
 
@@ -88,13 +90,15 @@ def train_run(args, device):
 
     # Data: MNIST as tensors on the device, augmented per batch with the block's settings (augment.py)
     max_batches = 1 if args.dry_run else None
-    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, max_batches, augmentation=hp)
+    train_loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, max_batches, augmentation=hp,
+                                   add_non_digits=non_digits.batch_adder(hp["NON_DIGITS"]))
+    held_back = train_loader.hold_back(hp["HELD_BACK"], hp["TEST_BATCH_SIZE"])  # never trained on
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, max_batches)
-    print(describe_data(train_loader.images, test_loader.images))
+    print(describe_data(train_loader.images, test_loader.images, held_back.images))
 
     # This machine's precision (bfloat16 where native) and memory layout (the faster, timed once)
     amp = choose_precision_and_layout(hp, device, folder, lambda: build_model(hp), timing=not args.dry_run)
-    train_loader.layout = test_loader.layout = hp["LAYOUT"]
+    train_loader.layout = test_loader.layout = held_back.layout = hp["LAYOUT"]
     torch.manual_seed(hp["SEED"])
     random.seed(hp["SEED"])
 
@@ -102,7 +106,7 @@ def train_run(args, device):
     model = build_model(hp).to(device, memory_format=LAYOUTS[hp["LAYOUT"]])
     layers = model_summary(model)  # torchsummary's table, then each layer's receptive field
     outputs = check_output(model, test_loader.sample())  # log-probabilities or raw scores, the same in each call
-    criterion = loss_function(outputs, hp["LABEL_SMOOTHING"])
+    criterion = loss_function(outputs, hp["LABEL_SMOOTHING"], non_digits=bool(train_loader.add_non_digits))
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, len(train_loader))
     built = settings.report_training(optimizer, scheduler, criterion, outputs, hp)  # what was built, printed
@@ -126,7 +130,7 @@ def train_run(args, device):
             print(f"Epoch {epoch}/{hp['EPOCHS']}: train loss {train_loss:.4f}, accuracy {train_acc:.2f}% | "
                   f"test loss {test_loss:.4f}, accuracy {test_acc:.2f}% | lr {lr:.3g} | {history[-1]['seconds']:.1f} s")
         runs.save_model(folder, record, model)
-        record["calibration"] = evaluation.report_test_set(model, device, test_loader, amp, folder)
+        record["calibration"] = evaluation.report_test_set(model, device, test_loader, amp, folder, held_back)
         runs.save_record(folder, record)
     runs.print_saved(folder)
 

@@ -69,8 +69,10 @@ def load_reader(checkpoint, device):
     print(f"Model: {name} from {path} ({'' if checkpoint else 'the newest finished run, '}{accuracy})")
     calibration = records.calibration_of(record)
     if calibration:
+        level = calibration.get("not_a_digit")
         print(f"Calibration of its run: temperature {calibration['temperature']:.2f}; \"not sure\" below "
-              f"{100 * calibration['threshold']:.1f}% confidence")
+              f"{100 * calibration['threshold']:.1f}% confidence"
+              + (f", \"not a digit\" below {100 * level:.1f}%" if level is not None else ""))
     else:
         calibration = UNCALIBRATED
         print(f"Note: no calibration in a {records.RECORD} beside it: temperature 1, \"not sure\" below "
@@ -165,20 +167,30 @@ def classify(model, device, digits, calibration):
     return (scores.log_softmax(dim=1) / calibration["temperature"]).softmax(dim=1)
 
 
+NOT_SURE, NOT_A_DIGIT = "not sure", "not a digit"  # what answer() says where it reads no digit
+
+
 def answer(probs, digit, calibration):
-    """The digit read from one image's probabilities, or None: "not sure". Not sure below the calibration's
-    confidence threshold, and not sure of an image (the 28x28 `digit`) whose ink is not strokes as MNIST's are
+    """The digit read from one image's probabilities; or NOT_SURE below the calibration's confidence threshold;
+    or NOT_A_DIGIT below its "not a digit" level (a confidence that only 0.5% of digits fall under; a run from
+    before it has none), or where the image's ink (the 28x28 `digit`) is not strokes as MNIST's are
     (robustness.LEAST_SOLID_INK), such as noise, which a model may still read at 100%."""
     confidence, best = probs.max(dim=0)
-    sure = float(confidence) >= calibration["threshold"] and float(solid_ink_share(digit)) >= LEAST_SOLID_INK
-    return int(best) if sure else None
+    if float(solid_ink_share(digit)) < LEAST_SOLID_INK or float(confidence) < calibration.get("not_a_digit", 0):
+        return NOT_A_DIGIT
+    return int(best) if float(confidence) >= calibration["threshold"] else NOT_SURE
+
+
+def likeliest(probs, count=3):
+    """"7 92%, 1 5%, 2 1%": the `count` likeliest digits and their probabilities."""
+    top = probs.topk(count)
+    return ", ".join(f"{int(d)} {100 * float(p):.0f}%" for p, d in zip(top.values, top.indices))
 
 
 def top3_line(path, probs, digit, calibration):
     top = probs.topk(3)
     answers = "  ".join(f"{int(d)} {100 * float(p):.1f}%" for p, d in zip(top.values, top.indices))
-    best = answer(probs, digit, calibration)
-    return f"{path}: {'not sure' if best is None else best}   top 3: {answers}"
+    return f"{path}: {answer(probs, digit, calibration)}   top 3: {answers}"
 
 
 def main(argv=None):

@@ -139,11 +139,13 @@ def _pixel_stats(images):
     return int(present[0]), int(present[-1]), float(mean), float(std)
 
 
-def describe_data(train_images, test_images):
-    """A few printable lines on the training and test images (uint8 [N, 28, 28]): their shapes, and the pixels'
-    min, max, mean and (population) std, raw in 0-255 and scaled to [0, 1] as the loaders scale them."""
+def describe_data(train_images, test_images, held_back=None):
+    """A few printable lines on the training and test images (uint8 [N, 28, 28]), and the training images held
+    back if any: their shapes, and the pixels' min, max, mean and (population) std, raw in 0-255 and scaled to
+    [0, 1] as the loaders scale them."""
     lines = []
-    for name, images in (("Training", train_images), ("Test", test_images)):
+    sets = [("Training", train_images), ("Held-back training", held_back), ("Test", test_images)]
+    for name, images in [(name, images) for name, images in sets if images is not None and len(images)]:
         low, high, mean, std = _pixel_stats(images)
         lines += [f"{name} set: {list(images.shape)} {str(images.dtype).replace('torch.', '')}, "
                   f"{images.numel():,} pixels",
@@ -160,10 +162,11 @@ class MnistBatches:
     order and new augmentations. No worker processes and no host-to-device copies: MNIST is 55 MB as uint8."""
 
     def __init__(self, images, labels, batch_size, shuffle=False, augmentation=None, max_batches=None,
-                 layout="contiguous"):
+                 layout="contiguous", add_non_digits=None):
         self.images, self.labels = images, labels  # uint8 [N, 28, 28] and int64 [N], on the same device
         self.batch_size, self.shuffle, self.max_batches = batch_size, shuffle, max_batches
         self.augmentation = augmentation  # the settings random_augment() reads (ROTATION, ...), or None: none
+        self.add_non_digits = add_non_digits  # (images, labels) -> the batch with non-digits added, or None: none
         self.layout = layout  # the memory layout of the batches (hardware.LAYOUTS), the model's
 
     def sample(self, count=8):
@@ -183,17 +186,35 @@ class MnistBatches:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
             images = self.images[index].unsqueeze(1).float().div_(255)
+            labels = self.labels[index]
             if self.augmentation is not None:
                 images = random_augment(images, self.augmentation)
-            yield self._normalize(images), self.labels[index]
+            if self.add_non_digits is not None:  # after the augmentation: they are varied in their own ways
+                images, labels = self.add_non_digits(images, labels)
+            yield self._normalize(images), labels
+
+    def hold_back(self, share, batch_size):
+        """Sets this `share` of the images aside, never to be trained on, and returns them as batches of their own
+        (in a fixed order, unaugmented): the digits on which a run chooses its "not sure" threshold. The same
+        images for every seed (a generator of their own); none taken where `share` is 0."""
+        count = round(share * len(self.labels))
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(0)).to(self.labels.device)
+        held, kept = order[:count].sort().values, order[count:].sort().values
+        held_back = MnistBatches(self.images[held], self.labels[held], batch_size, max_batches=self.max_batches,
+                                 layout=self.layout)
+        if count:
+            self.images, self.labels = self.images[kept], self.labels[kept]
+        return held_back
 
 
-def get_trainloader(data_dir, batch_size, device="cpu", max_batches=None, augmentation=None, layout="contiguous"):
+def get_trainloader(data_dir, batch_size, device="cpu", max_batches=None, augmentation=None, layout="contiguous",
+                    add_non_digits=None):
     """The training set, shuffled anew each epoch, as batches on `device` in `layout`; augmented anew each epoch
-    too where `augmentation` gives the settings of augment.random_augment (main_mnist.py passes its settings)."""
+    too where `augmentation` gives the settings of augment.random_augment (main_mnist.py passes its settings), and
+    with non-digits added to each batch where `add_non_digits` makes them (machinery/non_digits.py)."""
     images, labels = load_mnist(data_dir, train=True)
     return MnistBatches(images.to(device), labels.to(device), batch_size, shuffle=True, augmentation=augmentation,
-                        max_batches=max_batches, layout=layout)
+                        max_batches=max_batches, layout=layout, add_non_digits=add_non_digits)
 
 
 def get_testloader(data_dir, batch_size, device="cpu", max_batches=None, layout="contiguous"):
@@ -206,6 +227,8 @@ def get_testloader(data_dir, batch_size, device="cpu", max_batches=None, layout=
 # Training and evaluation
 
 CLASSES = 10  # the ten digits: a model's forward returns [batch, CLASSES]
+NOT_A_DIGIT = -100  # the label of a non-digit in a training batch: the losses' ignore_index, so the digit loss skips it
+NON_DIGIT_WEIGHT = 0.25  # the weight of the loss that pushes a non-digit's answer toward uniform (Hendrycks et al. used 0.5)
 
 
 def check_output(model, images):
@@ -243,13 +266,30 @@ def check_output(model, images):
     return "log-probabilities" if is_log_probabilities else "raw scores"
 
 
-def loss_function(outputs, label_smoothing=0.0):
+def loss_function(outputs, label_smoothing=0.0, non_digits=False):
     """The loss for what a model returns (check_output's answer): F.nll_loss for log-probabilities, as the
     original, and F.cross_entropy for raw scores. With label smoothing, F.cross_entropy for both: on
-    log-probabilities it is the same loss, since log_softmax leaves them as they are."""
+    log-probabilities it is the same loss, since log_softmax leaves them as they are. With `non_digits`, the
+    batches hold non-digits too (labelled NOT_A_DIGIT), and with_non_digits adds their loss."""
     if label_smoothing:
-        return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
-    return F.nll_loss if outputs == "log-probabilities" else F.cross_entropy
+        loss = functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
+    else:
+        loss = F.nll_loss if outputs == "log-probabilities" else F.cross_entropy
+    return with_non_digits(loss) if non_digits else loss
+
+
+def with_non_digits(digit_loss):
+    """Outlier exposure's loss: `digit_loss` on the digits (it skips the NOT_A_DIGIT labels, its ignore_index),
+    plus NON_DIGIT_WEIGHT times how far the non-digits' answers are from the uniform one: the mean over the ten
+    classes of -log p, less log 10 (its least, where each gets 1/10), so 0 for a perfect "no digit" (this is
+    KL(uniform || p)). A batch with no non-digit (the test set) adds 0."""
+    def loss(output, target):
+        non_digit = (target == NOT_A_DIGIT).unsqueeze(1)
+        count = non_digit.sum()
+        uniform = -(output.log_softmax(dim=1) * non_digit).sum() / (count * CLASSES).clamp(min=1)
+        return digit_loss(output, target) + NON_DIGIT_WEIGHT * (uniform - math.log(CLASSES) * (count > 0))
+    loss.__name__ = f"{loss_name(digit_loss)} + {NON_DIGIT_WEIGHT} x KL(uniform || p) on non-digits"
+    return loss
 
 
 def loss_name(criterion):
@@ -301,7 +341,7 @@ def train(model, device, train_loader, optimizer, criterion, scheduler=None, amp
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    seen, digits = 0, torch.zeros((), dtype=torch.long, device=device)  # digits: the batches' non-digits left out
     step_each_batch = scheduler is not None and not takes_metric(scheduler)  # (step_on_metric steps the others)
     with tqdm(train_loader, desc="Train", dynamic_ncols=True) as pbar:
         for batch_idx, (data, target) in enumerate(pbar):
@@ -315,13 +355,14 @@ def train(model, device, train_loader, optimizer, criterion, scheduler=None, amp
             if step_each_batch:
                 scheduler.step()
             loss_sum += loss.detach() * len(target)
-            correct += GetCorrectPredCount(output.detach(), target)
+            correct += GetCorrectPredCount(output.detach(), target)  # (a NOT_A_DIGIT label is never matched)
             seen += len(target)
+            digits += (target != NOT_A_DIGIT).sum()
             if batch_idx % sync_every == sync_every - 1 or batch_idx == len(pbar) - 1:
                 mean_loss = loss_sum.item() / seen
                 check_finite("the training loss", mean_loss, where=f" at batch {batch_idx + 1}")
-                pbar.set_postfix_str(f"loss={mean_loss:.4f} accuracy={100 * correct.item() / seen:.2f}%")
-    return loss_sum.item() / seen, 100 * correct.item() / seen
+                pbar.set_postfix_str(f"loss={mean_loss:.4f} accuracy={100 * correct.item() / digits.item():.2f}%")
+    return loss_sum.item() / seen, 100 * correct.item() / digits.item()
 
 
 def test(model, device, test_loader, criterion, amp=False, verbose=True):
@@ -405,6 +446,10 @@ def data_visualization(loader, path, count=32):
     Returns the Figure."""
     with random_state_kept(loader.labels.device):
         images, labels = next(iter(loader))
+    non_digit = labels == NOT_A_DIGIT  # a batch with non-digits (NON_DIGITS) shows some of them in the last rows
+    if non_digit.any():
+        shown = torch.cat([(~non_digit).nonzero()[:count - count // 4, 0], non_digit.nonzero()[:count // 4, 0]])
+        images, labels = images[shown], labels[shown]
     images = images[:count, 0].float().cpu() * MNIST_STD + MNIST_MEAN  # back to [0, 1]
     columns = 8
     fig = Figure(figsize=(1.4 * columns, 1.6 * math.ceil(len(images) / columns) + 0.5))
@@ -413,7 +458,8 @@ def data_visualization(loader, path, count=32):
     mosaic, places = image_grid(images, columns)
     ax.imshow(mosaic, cmap=colormaps["gray"].with_extremes(bad="white"), vmin=0, vmax=1)  # white on black, as the
     for (x, y), label in zip(places, labels.tolist()):                                     # network sees the digits
-        ax.text(x, y - 1, str(label), ha="center", va="bottom", fontsize=12)
-    fig.suptitle(f"{len(images)} augmented training images as the model receives them, with their labels", y=1.04)
+        ax.text(x, y - 1, "none" if label == NOT_A_DIGIT else str(label), ha="center", va="bottom", fontsize=12)
+    fig.suptitle(f"{len(images)} augmented training images as the model receives them, with their labels"
+                 + (" (none: a non-digit)" if non_digit.any() else ""), y=1.04)
     save_figure(fig, path)
     return fig

@@ -6,21 +6,19 @@ Trains Net and CompactNet (each with its recipe), each with the augmentation as 
 rotation off (--rotation 0), then evaluates each saved model with `main_mnist.py --eval-only`: its robustness
 curves, its calibration (expected calibration error before and after temperature scaling) and its "not sure"
 threshold. `main_mnist.py --compare` then draws the four models' curves on one figure. Last, each model reads
-NON_DIGITS images made here that are not digits (printed capital letters, simple shapes, scribbles: dark on light,
-as a person's photo of paper would be) through predict.py's path, and the share it calls "not sure" is counted,
+NON_DIGITS images of each kind of benchmarks/non_digit_kinds.py (letters, signs, shapes, scribbles, doodles: dark
+on light, as a person's photo of paper would be) through predict.py's path, and the share it calls "not sure" is counted,
 beside the share of real test digits it calls "not sure" (the held-out halves of the calibration).
 
 A run whose folder already has its model.pt is not trained again. Prints a Markdown table for docs/model-knows.md.
 """
 import argparse
+import importlib.util
 import json
 import os
 import random
-import string
 import subprocess
 import sys
-
-from PIL import Image, ImageDraw, ImageFont
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -30,50 +28,12 @@ from machinery.images import to_mnist  # noqa: E402
 
 import torch  # noqa: E402
 
-NON_DIGITS = 60  # per kind: letters, shapes, scribbles
+spec = importlib.util.spec_from_file_location("non_digit_kinds", os.path.join(REPO, "benchmarks", "non_digit_kinds.py"))
+held_out_kinds = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(held_out_kinds)
+
+NON_DIGITS = 60  # per kind of benchmarks/non_digit_kinds.py
 AUGMENTATION = {"on": [], "off": ["--rotation", "0"]}
-
-
-def letter(rng, size=200):
-    """A printed capital letter, black on white, in Pillow's own font at 100-150 px."""
-    image = Image.new("L", (size, size), 255)
-    font = ImageFont.load_default(size=rng.randint(100, 150))
-    text = rng.choice(string.ascii_uppercase)
-    ImageDraw.Draw(image).text((size / 2 + rng.randint(-15, 15), size / 2 + rng.randint(-15, 15)), text, fill=0,
-                               font=font, anchor="mm")
-    return image
-
-
-def shape(rng, size=200):
-    """A circle, square, triangle, cross or star's outline (or a filled one), black on white."""
-    image = Image.new("L", (size, size), 255)
-    draw = ImageDraw.Draw(image)
-    width = rng.randint(6, 16)
-    c, r = size / 2 + rng.randint(-10, 10), rng.randint(50, 80)
-    kind = rng.choice(["circle", "square", "triangle", "cross", "filled"])
-    if kind == "circle":
-        draw.ellipse([c - r, c - r, c + r, c + r], outline=0, width=width)
-    elif kind == "square":
-        draw.rectangle([c - r, c - r, c + r, c + r], outline=0, width=width)
-    elif kind == "triangle":
-        draw.polygon([(c, c - r), (c + r, c + r), (c - r, c + r)], outline=0, width=width)
-    elif kind == "cross":
-        draw.line([(c - r, c - r), (c + r, c + r)], fill=0, width=width)
-        draw.line([(c - r, c + r), (c + r, c - r)], fill=0, width=width)
-    else:
-        draw.ellipse([c - r, c - r * 0.7, c + r, c + r * 0.7], fill=0)
-    return image
-
-
-def scribble(rng, size=200):
-    """A random line of 6 to 12 strokes, black on white."""
-    image = Image.new("L", (size, size), 255)
-    points = [(rng.randint(30, size - 30), rng.randint(30, size - 30)) for _ in range(rng.randint(6, 12))]
-    ImageDraw.Draw(image).line(points, fill=0, width=rng.randint(6, 14), joint="curve")
-    return image
-
-
-KINDS = {"printed letters": letter, "shapes": shape, "scribbles": scribble}
 
 
 def not_sure_share(model_path, device, count=NON_DIGITS, seed=0):
@@ -81,10 +41,11 @@ def not_sure_share(model_path, device, count=NON_DIGITS, seed=0):
     _, model, _, calibration = predict.load_reader(model_path, device)
     rng = random.Random(seed)
     shares = {}
-    for kind, make in KINDS.items():
+    for kind, make in held_out_kinds.KINDS.items():
         digits = torch.stack([to_mnist(make(rng)) for _ in range(count)])
         probabilities = predict.classify(model, device, digits, calibration)
-        shares[kind] = sum(predict.answer(p, d, calibration) is None for p, d in zip(probabilities, digits)) / count
+        shares[kind] = sum(isinstance(predict.answer(p, d, calibration), str)
+                           for p, d in zip(probabilities, digits)) / count
     return shares
 
 
@@ -129,7 +90,7 @@ def main():
     main_mnist("--compare", *evaluations, "--out-dir", args.out_dir)
     header = ["model", "augmentation", "epochs", "test acc. %", "acc. under shifts %", "ECE %", "ECE after T %",
               "T", "not sure below %", "real digits not sure %", "error of answers %",
-              *(f"{kind} not sure %" for kind in KINDS)]
+              *(f"{kind} not sure %" for kind in held_out_kinds.KINDS)]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")

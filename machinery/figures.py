@@ -288,8 +288,8 @@ SHOWN_SIZE = (256, 256)  # predict.py keeps each image this small once read, for
 
 def plot_predictions(paths, images, digits, probabilities, path, answers, threshold):
     """A row per image: as given, as the model saw it (28x28, light on black), and its ten probabilities, with the
-    confidence `threshold` below which the answer is "not sure". answers: predict.answer's, the digit or None for
-    "not sure" (the top 3 are named then)."""
+    confidence `threshold` below which the answer is "not sure". answers: predict.answer's, the digit, or the words
+    it says instead ("not sure", "not a digit"; the top 3 are named then)."""
     count = len(paths)
     fig = Figure(figsize=(9, 2.4 * count), layout="constrained")  # titles clear of the axes above
     axs = fig.subplots(count, 3, squeeze=False, width_ratios=[1, 1, 2])
@@ -304,7 +304,7 @@ def plot_predictions(paths, images, digits, probabilities, path, answers, thresh
             ax.set_xticks([])
             ax.set_yticks([])
         best = int(probs.argmax())
-        sure = answer is not None
+        sure = not isinstance(answer, str)
         axs[row, 2].bar(range(10), probs.numpy(),
                         color=["tab:blue" if d == best and sure else "tab:gray" for d in range(10)])
         axs[row, 2].axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
@@ -312,7 +312,7 @@ def plot_predictions(paths, images, digits, probabilities, path, answers, thresh
         axs[row, 2].set_ylim(0, 1)
         top = probs.topk(3)
         axs[row, 2].set_title(f"read as {best} ({100 * float(probs[best]):.1f}%)" if sure else
-                              "not sure: " + ", ".join(f"{int(d)} {100 * float(p):.0f}%"
+                              f"{answer}: " + ", ".join(f"{int(d)} {100 * float(p):.0f}%"
                                                        for p, d in zip(top.values, top.indices)), fontsize=9)
     save_figure(fig, path)
 
@@ -345,21 +345,36 @@ def plot_robustness(runs, path, images):
     save_figure(fig, path)
 
 
-def plot_reliability(before, after, path, ece_before, ece_after, temperature):
-    """The reliability diagram: per confidence bin, accuracy against mean confidence, before and after temperature
-    scaling (bins as robustness.reliability gives them), with the diagonal a calibrated model would follow."""
-    fig = Figure(figsize=(6, 5.5))
-    ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
-    for rows, label, color in ((before, f"as trained: ECE {100 * ece_before:.2f}%", "tab:red"),
-                               (after, f"temperature {temperature:.2f}: ECE {100 * ece_after:.2f}%", "tab:blue")):
-        points = [row for row in rows if row is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=label)
-    ax.set_xlabel("confidence (top probability)")
-    ax.set_ylabel("accuracy in that confidence bin")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
-    ax.set_title("Reliability on the test set (ECE: each half scored with the other half's fit)", fontsize=10)
+def plot_reliability(panels, path):
+    """Reliability diagrams side by side, one per panel (title, before, after, ece_before, ece_after, temperature):
+    above, per confidence bin, accuracy against mean confidence, before and after temperature scaling (bins as
+    robustness.reliability gives them), with the diagonal a calibrated model would follow; below, how many test
+    images each bin holds (after scaling), so that a reader sees which points rest on a few images."""
+    fig = Figure(figsize=(6 * len(panels), 7), layout="constrained")
+    axes = fig.subplots(2, len(panels), squeeze=False, height_ratios=[3, 1])
+    for column, (title, before, after, ece_before, ece_after, temperature) in enumerate(panels):
+        ax, counts = axes[0, column], axes[1, column]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+        for rows, label, color in ((before, f"as trained: ECE {100 * ece_before:.2f}%", "tab:red"),
+                                   (after, f"temperature {temperature:.2f}: ECE {100 * ece_after:.2f}%", "tab:blue")):
+            points = [row for row in rows if row is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=label)
+        ax.set_ylabel("accuracy in that confidence bin")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+        ax.set_title(title, fontsize=10)
+        bins = len(after)
+        heights = [row[2] if row else 0 for row in after]
+        counts.bar([(b + 0.5) / bins for b in range(bins)], heights, width=0.9 / bins, color="tab:blue")
+        for b, height in enumerate(heights):
+            if height:
+                counts.text((b + 0.5) / bins, height, f"{height:,}", ha="center", va="bottom", fontsize=7)
+        counts.set_yscale("log")
+        counts.set_ylim(0.8, max(heights + [1]) * 4)
+        counts.set_xlim(0, 1)
+        counts.set_xlabel("confidence (top probability)")
+        counts.set_ylabel("test images in the bin")
+    fig.suptitle("Reliability on the test set (the temperature chosen where the run's calibration says)", fontsize=10)
     save_figure(fig, path)

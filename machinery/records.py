@@ -323,7 +323,7 @@ def record_beside(model_path):
 
 
 def calibration_of(record):
-    """The temperature and "not sure" threshold a training run fitted for its model (its run.json's calibration,
+    """The temperature, "not sure" threshold and "not a digit" level a training run fitted for its model (its run.json's calibration,
     `record`), or None: no record beside a plain state_dict, a run from before calibration, a damaged record."""
     calibration = (record or {}).get("calibration")
     if not isinstance(calibration, dict):
@@ -331,7 +331,10 @@ def calibration_of(record):
     temperature, threshold = calibration.get("temperature"), calibration.get("threshold")
     if (isinstance(temperature, (int, float)) and isinstance(threshold, (int, float)) and 0 < temperature < 1e3
             and 0 <= threshold <= 1):
-        return {"temperature": float(temperature), "threshold": float(threshold)}
+        level = calibration.get("not_a_digit")  # runs from before it have none: they say "not sure" only
+        known = isinstance(level, (int, float)) and not isinstance(level, bool) and 0 <= level <= threshold
+        return {"temperature": float(temperature), "threshold": float(threshold),
+                **({"not_a_digit": float(level)} if known else {})}
     return None
 
 

@@ -19,6 +19,8 @@ ROBUSTNESS_IMAGES = 2000  # test images each curve point is measured on: its sta
 ECE_BINS = 15             # confidence bins of the expected calibration error, as Guo et al. (2017)
 LEAST_TO_CALIBRATE = 2    # test images a calibration needs: it fits on one half and scores on the other
 ANSWERED_ERROR = 0.002    # the "not sure" threshold is the lowest confidence at which answers given err at most this often
+MOST_DECLINED = 0.01      # ... but never so high that it declines more of the digits it is chosen on than this share
+UNSURE_DIGITS = 0.005     # below the "not a digit" level: this share of digits; an answer there says "not a digit"
 # MNIST's digits are strokes of solid ink with soft edges: of the pixels a digit inks (above 0.1), at least this
 # share is solid (above 0.5) in every one of the 60,000 training digits (the least: 0.3947; tests check it). An
 # image below it (noise, a faint smudge) is no digit the model has seen, however sure the model is of it.
@@ -194,32 +196,55 @@ def not_sure_threshold(confidence, correct, answered_error=ANSWERED_ERROR):
     return float(confidence[order][good[-1, 0]]) if len(good) else 1.0
 
 
-def calibrate(scores, labels):
+def calibrate(scores, labels, held_scores=None, held_labels=None):
     """The calibration of a model from its scores on the test set (logits or log-probabilities, [N, 10]) and the
-    labels. Temperature and threshold are fitted on one half and scored on the other, then the halves swap, so
-    no image scores the fit it took part in; the saved temperature and threshold are then fitted on all of it.
+    labels, and on digits held back from training where given (HELD_BACK in main_mnist.py's block).
 
-    Returns a dict: temperature, threshold, ece_before, ece_after, and on the held-out halves: answered (the share
-    of test images the model answers, not "not sure") and answered_error (the error rate among those)."""
+    With held-back digits, the temperature, the "not sure" threshold and the "not a digit" level are chosen on
+    them, and scored on the test set, which chooses nothing. Without, on halves of the test set: each fitted on one
+    half and scored on the other, then the halves swap, so no image scores the fit it took part in; the saved ones
+    are then fitted on all of it.
+
+    Returns a dict: temperature, threshold, not_a_digit, chosen_on, ece_before, ece_after, and on the test images
+    scored: answered (the share the model answers, not "not sure") and answered_error (the error among those)."""
     scores, labels = scores.float().cpu(), labels.cpu()
-    halves = torch.arange(len(labels)) % 2 == 0
-    before, after, answered, wrong = [], [], 0, 0
-    for fit, score in ((halves, ~halves), (~halves, halves)):
-        t = fit_temperature(scores[fit], labels[fit])
-        fitted = (scores[fit] / t).softmax(dim=1)
-        threshold = not_sure_threshold(*_confidence_and_correct(fitted, labels[fit]))
-        held_out = (scores[score] / t).softmax(dim=1)
-        before.append(expected_calibration_error(scores[score].softmax(dim=1), labels[score]))
-        after.append(expected_calibration_error(held_out, labels[score]))
-        confidence, correct = _confidence_and_correct(held_out, labels[score])
+    if held_scores is not None:
+        fits = [(held_scores.float().cpu(), held_labels.cpu(), scores, labels)]
+        chosen_on = f"{len(held_labels):,} training digits held back"
+    else:
+        halves = torch.arange(len(labels)) % 2 == 0
+        fits = [(scores[fit], labels[fit], scores[~fit], labels[~fit]) for fit in (halves, ~halves)]
+        chosen_on = "halves of the test set, each scored with the other's fit"
+    before, after, answered, wrong, scored = [], [], 0, 0, 0
+    for fit_scores, fit_labels, test_scores, test_labels in fits:
+        t, threshold, _ = _fit(fit_scores, fit_labels)
+        held_out = (test_scores / t).softmax(dim=1)
+        before.append(expected_calibration_error(test_scores.softmax(dim=1), test_labels))
+        after.append(expected_calibration_error(held_out, test_labels))
+        confidence, correct = _confidence_and_correct(held_out, test_labels)
         answer = confidence >= threshold
         answered += int(answer.sum())
         wrong += int((~correct[answer]).sum())
-    temperature = fit_temperature(scores, labels)
-    threshold = not_sure_threshold(*_confidence_and_correct((scores / temperature).softmax(dim=1), labels))
-    return {"temperature": temperature, "threshold": threshold, "ece_before": sum(before) / 2,
-            "ece_after": sum(after) / 2, "answered": answered / len(labels),
+        scored += len(test_labels)
+    temperature, threshold, not_a_digit = _fit(*fits[0][:2]) if held_scores is not None else _fit(scores, labels)
+    return {"temperature": temperature, "threshold": threshold, "not_a_digit": not_a_digit, "chosen_on": chosen_on,
+            "ece_before": sum(before) / len(fits), "ece_after": sum(after) / len(fits), "answered": answered / scored,
             "answered_error": wrong / max(answered, 1), "answered_error_target": ANSWERED_ERROR}
+
+
+def _fit(scores, labels):
+    """(temperature, "not sure" threshold, "not a digit" level) fitted on these digits' scores: the threshold
+    is ANSWERED_ERROR's, capped at the confidence that keeps all but MOST_DECLINED of them; the level, the one
+    that keeps all but UNSURE_DIGITS (an image less sure than almost any digit: "not a digit", not "not sure")."""
+    t = fit_temperature(scores, labels)
+    confidence, correct = _confidence_and_correct((scores / t).softmax(dim=1), labels)
+    threshold = min(not_sure_threshold(confidence, correct), digits_quantile(confidence, MOST_DECLINED))
+    return t, threshold, min(threshold, digits_quantile(confidence, UNSURE_DIGITS))
+
+
+def digits_quantile(confidence, share):
+    """The confidence that all but `share` of these digits reach."""
+    return float(confidence.double().quantile(share))
 
 
 def _confidence_and_correct(probabilities, labels):

@@ -13,6 +13,7 @@ import tokenize
 
 from machinery.errors import OneLineParser, UserError, one_line
 from machinery.hardware import LAYOUT_CHOICES
+from machinery.non_digits import KINDS, kind_names
 from model import MODELS
 from utils import loss_name
 
@@ -214,6 +215,9 @@ def check_settings(hp):
         ("CROP_SIZE", whole("CROP_SIZE", 1) and hp["CROP_SIZE"] <= 28, "must be a whole number of pixels, 1 to 28"),
         ("SHIFT", whole("SHIFT", 0) and hp["SHIFT"] < 28, "must be a whole number of pixels, 0 to 27"),
         ("LABEL_SMOOTHING", number("LABEL_SMOOTHING", 0, 1) and hp["LABEL_SMOOTHING"] < 1, "must be in [0, 1)"),
+        ("NON_DIGITS", isinstance(hp["NON_DIGITS"], str) and set(kind_names(hp["NON_DIGITS"])) <= set(KINDS),
+         f"must name kinds from {', '.join(KINDS)}, comma-separated, or be empty (off)"),
+        ("HELD_BACK", number("HELD_BACK", 0, 0.5), "must be a share of the training images, from 0 to 0.5"),
         ("SEED", whole("SEED", 0) and hp["SEED"] < 2 ** 63, "must be a whole number from 0 to 2**63 - 1"),
     ]
     for name, ok, requirement in rules:

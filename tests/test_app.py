@@ -8,6 +8,7 @@ except under CI (CI=true, as .ci/run sets it), where a missing install step must
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -158,6 +159,20 @@ def test_a_drawn_digit_is_read(page, digit, strokes, tmp_path):
         screenshot = tmp_path / "app.png" if os.environ.get("CI") else "/tmp/app.png"
         page.screenshot(path=str(screenshot), full_page=True)
         assert os.path.getsize(screenshot) > 10_000
+
+
+H = [[(-60, -90), (-60, 90)], [(60, -90), (60, 90)], [(-60, 0), (60, 0)]]  # a capital H: no digit
+
+
+def test_a_drawn_letter_is_no_digit_and_a_digit_after_it_is_read(page):
+    draw(page, H)
+    message, top3 = read_answer(page)
+    assert message.startswith(("Not a digit", "Not sure")), message  # the model declines, however it words it
+    likeliest = message.split("The likeliest: ")[1]
+    assert [digit for digit, _ in top3] == re.findall(r"(\d) \d+%", likeliest)  # the same three, in order
+    page.get_by_role("button", name="Clear canvas").click()
+    draw(page, ONE)
+    assert read_answer(page)[0].startswith("Read as 1 (")
 
 
 def test_nothing_drawn_says_so(page):

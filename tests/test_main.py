@@ -378,7 +378,7 @@ def test_eval_only_scores_a_saved_model_and_writes_the_diagnostics(tiny_mnist, t
         assert set(curves) == set(robustness.FAMILIES) and record["robustness_images"] == 32  # tiny_mnist's test set
         assert record["robustness_mean"] == pytest.approx(robustness.mean_accuracy(curves), abs=0.01)
         assert {"temperature", "threshold", "ece_before", "ece_after"} <= set(record["calibration"])
-        assert "Robustness: accuracy" in out and "Calibration: expected calibration error" in out
+        assert "Robustness: accuracy" in out and "Calibration, chosen on " in out
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -121,7 +121,8 @@ def test_predict_reads_photos_of_digits_as_the_model_reads_the_originals(real_da
 
     code, out, err = run_predict(capsys, *paths, "--checkpoint", trained_model, "--out", tmp_path / "p.png")
     assert code == 0 and err == ""
-    answers = dict(re.findall(r"^(\S+): (?:\d|not sure)   top 3: (\d) ", out, re.MULTILINE))  # the likeliest
+    answers = dict(re.findall(r"^(\S+): (?:\d|not sure|not a digit)   top 3: (\d) ", out,  # the likeliest
+                              re.MULTILINE))
     assert len(answers) == 200
     agree = sum(int(answers[path]) == own for path, own in zip(paths, own_answers))
     assert agree >= 190, f"only {agree} of 200 photos read as their originals"
@@ -304,13 +305,13 @@ def test_a_trained_run_keeps_its_calibration_and_predict_uses_it(trained_model, 
     assert f"\"not sure\" below {100 * calibration['threshold']:.1f}% confidence" in out
 
 
-def test_predict_says_not_sure_on_an_image_of_noise_and_shows_the_top_3(trained_model, tmp_path, capsys):
+def test_predict_says_not_a_digit_on_an_image_of_noise_and_shows_the_top_3(trained_model, tmp_path, capsys):
     noise = np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "noise.png")
     code, out, err = run_predict(capsys, tmp_path / "noise.png", "--checkpoint", trained_model, "--out",
                                  tmp_path / "p.png")
     assert code == 0
-    assert re.search(r"noise\.png: not sure   top 3: \d \d+\.\d%  \d \d+\.\d%  \d \d+\.\d%\n", out)
+    assert re.search(r"noise\.png: not a digit   top 3: \d \d+\.\d%  \d \d+\.\d%  \d \d+\.\d%\n", out)
     assert_png(tmp_path / "p.png")
 
 
