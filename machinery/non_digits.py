@@ -62,22 +62,23 @@ def add_non_digits(images, labels, kinds, share=SHARE):
     count = max(1, round(share * len(labels)))
     sizes = [count // len(kinds) + (i < count % len(kinds)) for i in range(len(kinds))]
     made = [MAKERS[kind](images, labels, size) for kind, size in zip(kinds, sizes) if size]
-    return (vary_pen(torch.cat([images, *made])),
+    return (torch.cat([vary_pen(images), *made]),
             torch.cat([labels, labels.new_full((count,), NOT_A_DIGIT)]))
 
 
-def vary_pen(images):
-    """A third of the images drawn with a thicker pen (a 3x3 dilation) and a sixth with a soft one (blurred, sigma
-    1 px, the brightest pixel brought back to 1), digits and non-digits alike. Without it, the model learns that
-    a thick or soft stroke means "no digit" (the letters are bold in places, MNIST's digits seldom), and declines
-    real digits written or scanned so: 77% of the UCI set's, against 18% before non-digits were trained on."""
-    pick = torch.rand(len(images), device=images.device)
+def vary_pen(digits):
+    """A third of the digits drawn with a thicker pen (a 3x3 dilation) and a sixth with a soft one (blurred, sigma
+    1 px, the brightest pixel brought back to 1). Without it, the model learns that a thick or soft stroke means
+    "no digit" (some letters are bold, MNIST's digits seldom are) and declines real digits written or scanned so:
+    63% of the UCI set's, against 20% before non-digits were trained on (docs/model-knows.md). Varied for the
+    non-digits too, it cost them: a thin doodle then passed for a digit more often."""
+    pick = torch.rand(len(digits), device=digits.device)
     thicker, softer = pick < 1 / 3, (pick >= 1 / 3) & (pick < 1 / 2)
-    images = images.clone()
-    images[thicker] = F.max_pool2d(images[thicker], 3, stride=1, padding=1)
-    soft = blur(images[softer], 1.0)
-    images[softer] = soft / soft.amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)
-    return images
+    digits = digits.clone()
+    digits[thicker] = F.max_pool2d(digits[thicker], 3, stride=1, padding=1)
+    soft = blur(digits[softer], 1.0)
+    digits[softer] = soft / soft.amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)
+    return digits
 
 
 # ---- letters and shapes: drawn once with PIL, then each use turned, scaled and thickened on the device ----

@@ -52,6 +52,9 @@ def test_a_batch_gets_its_share_of_non_digits_at_its_end_split_among_the_kinds(m
     monkeypatch.setitem(non_digits.MAKERS, "strokes", lambda i, l, n: asked.append(("strokes", n)) or i[:n])
     non_digits.add_non_digits(images, labels, ("letters", "strokes"))
     assert asked == [("letters", added // 2), ("strokes", added - added // 2)]
+    made = non_digits.add_non_digits(images, labels, ("letters", "strokes"))[0]
+    non_digits_as_made = torch.cat([images[:added // 2], images[:added - added // 2]])  # the stand-ins above
+    assert torch.equal(made[128:], non_digits_as_made)  # the pen is varied for the digits only
 
 
 def test_no_kinds_named_adds_nothing_and_the_same_seed_adds_the_same():
@@ -78,7 +81,7 @@ def test_the_kinds_reported_on_are_made_by_other_code_and_fonts():
         assert to_mnist(make(rng)).max() > 0.9, kind  # each reads as an image with ink, through predict.py's path
 
 
-def test_the_pen_varies_alike_for_digits_and_non_digits_a_third_thicker_a_sixth_softer():
+def test_the_pen_varies_for_the_digits_a_third_thicker_a_sixth_softer():
     images = torch.zeros(3000, 1, 28, 28)
     images[:, :, 10:18, 13:15] = 1.0  # a bar 2 px wide
     torch.manual_seed(0)
