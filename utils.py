@@ -448,7 +448,9 @@ def data_visualization(loader, path, count=32):
         images, labels = next(iter(loader))
     non_digit = labels == NOT_A_DIGIT  # a batch with non-digits (NON_DIGITS) shows some of them in the last rows
     if non_digit.any():
-        shown = torch.cat([(~non_digit).nonzero()[:count - count // 4, 0], non_digit.nonzero()[:count // 4, 0]])
+        others = non_digit.nonzero()[:, 0]  # spread over them, so that each kind shows
+        others = others[torch.linspace(0, len(others) - 1, min(count // 4, len(others))).round().long()]
+        shown = torch.cat([(~non_digit).nonzero()[:count - count // 4, 0], others])
         images, labels = images[shown], labels[shown]
     images = images[:count, 0].float().cpu() * MNIST_STD + MNIST_MEAN  # back to [0, 1]
     columns = 8

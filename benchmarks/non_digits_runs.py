@@ -4,8 +4,7 @@
 
 Trains CompactNet by its recipe (non-digits in training, 5,000 training digits held back for the threshold) with
 seeds 1 to --seeds; once as before (--non-digits "" --held-back 0: no non-digits, the threshold on the test set);
-once without each kind of non-digit the recipe trains on (leave one kind out); and once with every kind of
-machinery/non_digits.py, where the recipe leaves some out. Then reads, through predict.py's path
+and once without each kind of non-digit the recipe trains on (leave one kind out). Then reads, through predict.py's path
 (to_mnist, the run's temperature and threshold), with each model:
   - MNIST's 10,000 test digits: accuracy and the share declined ("not sure" or "not a digit");
   - NON_DIGITS images of each kind in benchmarks/non_digit_kinds.py, made by code training never uses;
@@ -146,9 +145,6 @@ def main():
     for kind in recipe:  # leave one kind out
         others = ",".join(k for k in recipe if k != kind)
         runs[f"without {kind}"] = train(os.path.join(out, f"without-{kind}"), ["--non-digits", others], extra)
-    if len(recipe) < len(non_digits.KINDS):  # what the kinds the recipe leaves out would do
-        runs["every kind"] = train(os.path.join(out, "every-kind"), ["--non-digits", ",".join(non_digits.KINDS)],
-                                   extra)
 
     test_images, test_labels = load_mnist(args.data_dir or "data", train=False)
     test_images = test_images.float().div(255)

@@ -62,8 +62,17 @@ def add_non_digits(images, labels, kinds, share=SHARE):
     count = max(1, round(share * len(labels)))
     sizes = [count // len(kinds) + (i < count % len(kinds)) for i in range(len(kinds))]
     made = [MAKERS[kind](images, labels, size) for kind, size in zip(kinds, sizes) if size]
-    return (torch.cat([vary_pen(images), *made]),
+    return (vary_brightness(torch.cat([vary_pen(images), *made])),
             torch.cat([labels, labels.new_full((count,), NOT_A_DIGIT)]))
+
+
+def vary_brightness(images):
+    """Half of the images, digits and non-digits alike, with their ink dimmed to 80-100%. Every MNIST digit's
+    brightest pixel is exactly 1; without this, a model learns that an image whose brightest pixel is less (a
+    turned letter's, resampled) is no digit, and then declines photos of real digits, which to_mnist's resizing
+    leaves at 0.85-1."""
+    dim = torch.empty(len(images), 1, 1, 1, device=images.device).uniform_(0.8, 1.0)
+    return images * torch.where(torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5, dim, 1.0)
 
 
 def vary_pen(digits):
@@ -152,12 +161,14 @@ def _from_bank(kind):
     def make(images, labels, count):
         bank = _bank(kind, images.device)
         chosen = bank[torch.randint(len(bank), (count,), device=images.device)].unsqueeze(1).float().div_(255)
-        return vary(chosen)
+        varied = vary(chosen)  # brought back to a brightest pixel of 1, as every digit's, once resampled
+        return varied / varied.amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)
     return make
 
 
 def vary(drawings, largest_turn=30.0):
-    """Each drawing turned by up to +-largest_turn degrees, scaled by 0.75-1.1 and moved by up to 2 px (bilinear)."""
+    """Each drawing turned by up to +-largest_turn degrees, scaled by 0.75-1.1 and moved by up to 2 px; nearest
+    neighbour, as augment.rotate turns the digits, so that a soft, resampled edge tells no non-digit."""
     count, device = len(drawings), drawings.device
     angle = torch.deg2rad(torch.empty(count, device=device).uniform_(-largest_turn, largest_turn))
     size = torch.empty(count, device=device).uniform_(0.75, 1.1)
@@ -166,7 +177,7 @@ def vary(drawings, largest_turn=30.0):
     theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / size, -torch.sin(angle) / size
     theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / size, torch.cos(angle) / size
     theta[:, :, 2] = moved
-    return resample(drawings, theta, "bilinear")
+    return resample(drawings, theta, "nearest")
 
 
 # ---- strokes and pieces of digits: made on the device, anew for every batch ----

@@ -164,12 +164,14 @@ def test_a_drawn_digit_is_read(page, digit, strokes, tmp_path):
 H = [[(-60, -90), (-60, 90)], [(60, -90), (60, 90)], [(-60, 0), (60, 0)]]  # a capital H: no digit
 
 
-def test_a_drawn_letter_is_no_digit_and_a_digit_after_it_is_read(page):
+def test_a_drawn_letter_is_no_digit_and_a_digit_after_it_is_read(page, tmp_path):
     draw(page, H)
     message, top3 = read_answer(page)
     assert message.startswith(("Not a digit", "Not sure")), message  # the model declines, however it words it
     likeliest = message.split("The likeliest: ")[1]
     assert [digit for digit, _ in top3] == re.findall(r"(\d) \d+%", likeliest)  # the same three, in order
+    screenshot = tmp_path / "app_h.png" if os.environ.get("CI") else "/tmp/app_h.png"  # as the 7's, above
+    page.screenshot(path=str(screenshot), full_page=True)
     page.get_by_role("button", name="Clear canvas").click()
     draw(page, ONE)
     assert read_answer(page)[0].startswith("Read as 1 (")
