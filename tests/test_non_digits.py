@@ -59,6 +59,15 @@ def test_a_batch_gets_its_share_of_non_digits_at_its_end_split_among_the_kinds(m
     assert dimmed.min() >= 0.8 - 1e-6 and dimmed.max() <= 1 + 1e-6  # but the brightness for both
 
 
+def test_letters_and_shapes_are_turned_as_the_digits_are_with_no_new_shades():
+    # Nearest neighbour, as augment.rotate turns the digits: a bilinear turn would give the non-digits a softer
+    # edge than any training digit has, and the model would learn that softness, not the shape, means "none".
+    drawings = non_digits._bank("shapes", torch.device("cpu"))[:50].unsqueeze(1).float() / 255
+    torch.manual_seed(0)
+    turned = non_digits.vary(drawings)
+    assert set(turned.unique().tolist()) <= set(drawings.unique().tolist()) | {0.0}
+
+
 def test_no_kind_gives_away_a_non_digit_by_its_brightest_pixel():
     images, labels = digit_batch()
     images = images / images.amax(dim=(2, 3), keepdim=True)  # as MNIST's digits: the brightest pixel 1
