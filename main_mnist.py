@@ -18,7 +18,7 @@ from machinery import compare, evaluation, lr_finder, non_digits, records, runs,
 from machinery.hardware import LAYOUTS, choose_precision_and_layout, pick_device
 from model import MODELS
 from utils import (check_finite, check_output, data_visualization, describe_data, get_testloader, get_trainloader,
-                   loss_function, model_summary, step_on_metric, test, train)
+                   loss_function, model_summary, step_on_metric, test, train, with_non_digits)
 
 # ---- Hyperparameters: the original's recipe. Edit them here, or override any with its flag (see --help). ----
 # A run uses this block as it is, except: --model NAME applies that model's recipe (RECIPES below) over the block,
@@ -106,7 +106,9 @@ def train_run(args, device):
     model = build_model(hp).to(device, memory_format=LAYOUTS[hp["LAYOUT"]])
     layers = model_summary(model)  # torchsummary's table, then each layer's receptive field
     outputs = check_output(model, test_loader.sample())  # log-probabilities or raw scores, the same in each call
-    criterion = loss_function(outputs, hp["LABEL_SMOOTHING"], non_digits=bool(train_loader.add_non_digits))
+    criterion = loss_function(outputs, hp["LABEL_SMOOTHING"])
+    if train_loader.add_non_digits:  # NON_DIGITS: their answers pushed toward no digit in particular
+        criterion = with_non_digits(criterion)
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, len(train_loader))
     built = settings.report_training(optimizer, scheduler, criterion, outputs, hp)  # what was built, printed

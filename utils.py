@@ -266,20 +266,17 @@ def check_output(model, images):
     return "log-probabilities" if is_log_probabilities else "raw scores"
 
 
-def loss_function(outputs, label_smoothing=0.0, non_digits=False):
+def loss_function(outputs, label_smoothing=0.0):
     """The loss for what a model returns (check_output's answer): F.nll_loss for log-probabilities, as the
     original, and F.cross_entropy for raw scores. With label smoothing, F.cross_entropy for both: on
-    log-probabilities it is the same loss, since log_softmax leaves them as they are. With `non_digits`, the
-    batches hold non-digits too (labelled NOT_A_DIGIT), and with_non_digits adds their loss."""
+    log-probabilities it is the same loss, since log_softmax leaves them as they are."""
     if label_smoothing:
-        loss = functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
-    else:
-        loss = F.nll_loss if outputs == "log-probabilities" else F.cross_entropy
-    return with_non_digits(loss) if non_digits else loss
+        return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
+    return F.nll_loss if outputs == "log-probabilities" else F.cross_entropy
 
 
 def with_non_digits(digit_loss):
-    """Outlier exposure's loss: `digit_loss` on the digits (it skips the NOT_A_DIGIT labels, its ignore_index),
+    """Outlier exposure's loss, for batches that hold non-digits (labelled NOT_A_DIGIT): `digit_loss` on the digits (it skips the NOT_A_DIGIT labels, its ignore_index),
     plus NON_DIGIT_WEIGHT times how far the non-digits' answers are from the uniform one: the mean over the ten
     classes of -log p, less log 10 (its least, where each gets 1/10), so 0 for a perfect "no digit" (this is
     KL(uniform || p)). A batch with no non-digit (the test set) adds 0."""

@@ -92,8 +92,9 @@ def test_calibrate_scores_each_half_with_the_other_halfs_fit():
     assert result["temperature"] == pytest.approx(2.0, rel=0.05)
     assert result["ece_after"] < 0.015 < result["ece_before"]
     assert 0 < result["answered"] < 1
-    # held out, the error among the answers given stays near the target it was chosen for
-    assert result["answered_error"] < 3 * robustness.ANSWERED_ERROR
+    # This predictor errs often, so the error rule would decline most of it: the cap declines MOST_DECLINED,
+    # chosen on one half, and held out on the other it declines about as much.
+    assert 1 - result["answered"] == pytest.approx(robustness.MOST_DECLINED, abs=0.005)
     assert math.isclose(result["answered_error_target"], robustness.ANSWERED_ERROR)
 
 
