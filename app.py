@@ -24,8 +24,9 @@ import numpy as np  # noqa: E402
 
 from gradio.components.image_editor import EditorDataBlobs  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
-from predict import (CHECKPOINT_HELP, MAX_PIXELS, NOT_A_DIGIT, NOT_SURE, answer, classify, likeliest,  # noqa: E402
-                     load_reader, open_image, too_large)
+from machinery.figures import likeliest  # noqa: E402
+from predict import (CHECKPOINT_HELP, MAX_PIXELS, NOT_A_DIGIT, NOT_SURE, answer, classify, load_reader,  # noqa: E402
+                     open_image, too_large)
 from machinery.errors import OneLineParser, UserError  # noqa: E402
 from machinery.hardware import pick_device  # noqa: E402
 from machinery.images import grey_pixels, to_mnist  # noqa: E402

@@ -181,12 +181,6 @@ def answer(probs, digit, calibration):
     return int(best) if float(confidence) >= calibration["threshold"] else NOT_SURE
 
 
-def likeliest(probs, count=3):
-    """"7 92%, 1 5%, 2 1%": the `count` likeliest digits and their probabilities."""
-    top = probs.topk(count)
-    return ", ".join(f"{int(d)} {100 * float(p):.0f}%" for p, d in zip(top.values, top.indices))
-
-
 def top3_line(path, probs, digit, calibration):
     top = probs.topk(3)
     answers = "  ".join(f"{int(d)} {100 * float(p):.1f}%" for p, d in zip(top.values, top.indices))

@@ -276,8 +276,8 @@ def loss_function(outputs, label_smoothing=0.0):
 
 
 def with_non_digits(digit_loss):
-    """Outlier exposure's loss, for batches that hold non-digits (labelled NOT_A_DIGIT): `digit_loss` on the digits (it skips the NOT_A_DIGIT labels, its ignore_index),
-    plus NON_DIGIT_WEIGHT times how far the non-digits' answers are from the uniform one: the mean over the ten
+    """Outlier exposure's loss, for batches that hold non-digits (labelled NOT_A_DIGIT): `digit_loss` on the
+    digits (it skips the NOT_A_DIGIT labels, its ignore_index), plus NON_DIGIT_WEIGHT times how far the non-digits' answers are from the uniform one: the mean over the ten
     classes of -log p, less log 10 (its least, where each gets 1/10), so 0 for a perfect "no digit" (this is
     KL(uniform || p)). A batch with no non-digit (the test set) adds 0."""
     def loss(output, target):

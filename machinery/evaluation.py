@@ -7,8 +7,8 @@ import os
 from machinery import records, robustness, runs, settings
 from machinery.figures import plot_confusion_matrix, plot_misclassified, plot_reliability, plot_robustness
 from machinery.hardware import LAYOUTS, choose_precision_and_layout
-from utils import (check_output, confusion_matrix, get_testloader, get_trainloader, loss_function, loss_name, per_class_accuracy,
-                   predict, test)
+from utils import (check_output, confusion_matrix, get_testloader, get_trainloader, loss_function, loss_name,
+                   per_class_accuracy, predict, test)
 
 
 def report_test_set(model, device, test_loader, amp, folder, held_back=None):

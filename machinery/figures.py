@@ -286,6 +286,12 @@ def plot_misclassified(images, probabilities, labels, path, count=25):
 
 SHOWN_SIZE = (256, 256)  # predict.py keeps each image this small once read, for predictions.png; not whole
 
+def likeliest(probs, count=3):
+    """"7 92%, 1 5%, 2 1%": the `count` likeliest digits and their probabilities."""
+    top = probs.topk(count)
+    return ", ".join(f"{int(d)} {100 * float(p):.0f}%" for p, d in zip(top.values, top.indices))
+
+
 def plot_predictions(paths, images, digits, probabilities, path, answers, threshold):
     """A row per image: as given, as the model saw it (28x28, light on black), and its ten probabilities, with the
     confidence `threshold` below which the answer is "not sure". answers: predict.answer's, the digit, or the words
@@ -310,10 +316,8 @@ def plot_predictions(paths, images, digits, probabilities, path, answers, thresh
         axs[row, 2].axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
         axs[row, 2].set_xticks(range(10))
         axs[row, 2].set_ylim(0, 1)
-        top = probs.topk(3)
         axs[row, 2].set_title(f"read as {best} ({100 * float(probs[best]):.1f}%)" if sure else
-                              f"{answer}: " + ", ".join(f"{int(d)} {100 * float(p):.0f}%"
-                                                       for p, d in zip(top.values, top.indices)), fontsize=9)
+                              f"{answer}: {likeliest(probs)}", fontsize=9)
     save_figure(fig, path)
 
 

@@ -215,9 +215,9 @@ def calibrate(scores, labels, held_scores=None, held_labels=None):
         halves = torch.arange(len(labels)) % 2 == 0
         fits = [(scores[fit], labels[fit], scores[~fit], labels[~fit]) for fit in (halves, ~halves)]
         chosen_on = "halves of the test set, each scored with the other's fit"
+    fitted = [_fit(fit_scores, fit_labels) for fit_scores, fit_labels, _, _ in fits]
     before, after, answered, wrong, scored = [], [], 0, 0, 0
-    for fit_scores, fit_labels, test_scores, test_labels in fits:
-        t, threshold, _ = _fit(fit_scores, fit_labels)
+    for (t, threshold, _), (_, _, test_scores, test_labels) in zip(fitted, fits):
         held_out = (test_scores / t).softmax(dim=1)
         before.append(expected_calibration_error(test_scores.softmax(dim=1), test_labels))
         after.append(expected_calibration_error(held_out, test_labels))
@@ -226,7 +226,8 @@ def calibrate(scores, labels, held_scores=None, held_labels=None):
         answered += int(answer.sum())
         wrong += int((~correct[answer]).sum())
         scored += len(test_labels)
-    temperature, threshold, not_a_digit = _fit(*fits[0][:2]) if held_scores is not None else _fit(scores, labels)
+    # the saved fit: the held-back digits' one, above; without them, one on the whole test set
+    temperature, threshold, not_a_digit = fitted[0] if held_scores is not None else _fit(scores, labels)
     return {"temperature": temperature, "threshold": threshold, "not_a_digit": not_a_digit, "chosen_on": chosen_on,
             "ece_before": sum(before) / len(fits), "ece_after": sum(after) / len(fits), "answered": answered / scored,
             "answered_error": wrong / max(answered, 1), "answered_error_target": ANSWERED_ERROR}
