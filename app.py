@@ -1,161 +1,112 @@
-"""Draw a digit and let the model read it: python3 app.py [--checkpoint PATH] [--port N], then open the address shown.
+"""Draw a digit and let the model read it: python3 app.py [--model PATH] [--port N], then open the address shown.
 
-A page on this computer only (127.0.0.1): a drawing pad, the model's top 3 answers, and the 28x28 image the model
-received, made from the drawing by images.to_mnist as predict.py makes it from a file. Needs gradio
-(pip install -r requirements-demo.txt); the training scripts do not.
+A page served on this computer only (127.0.0.1) by Python's own http.server: a pad to draw on (or an image file to
+send), the model's answer as predict.py gives it, its likeliest three digits, and the 28x28 image it received.
 """
-from machinery.errors import prepare_console
+import io
+import json
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-if __name__ == "__main__":  # before gradio and torch load: Ctrl-C, closed or narrow consoles said in a word
-    prepare_console()
+from machinery import UserError, runs
+from machinery.evaluation import answer, read
+from machinery.images import open_image, to_mnist
+from machinery.settings import OneLineParser
+from predict import load_reader
+from utils import pick_device
 
-import io  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
+LARGEST_REQUEST = 10_000_000  # bytes: a drawing is a few KB, a phone's photo a few MB; larger is refused unread
 
-# Before gradio is imported: no usage statistics sent, and no reaching for the Hugging Face Hub. The page works
-# with no network at all.
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-
-from gradio.components.image_editor import EditorDataBlobs  # noqa: E402
-from gradio.data_classes import FileData  # noqa: E402
-from machinery.figures import likeliest  # noqa: E402
-from predict import (CHECKPOINT_HELP, MAX_PIXELS, NOT_A_DIGIT, NOT_SURE, answer, classify, load_reader,  # noqa: E402
-                     open_image, too_large)
-from machinery.errors import OneLineParser, UserError  # noqa: E402
-from machinery.hardware import pick_device  # noqa: E402
-from machinery.images import grey_pixels, to_mnist  # noqa: E402
-
-NOTHING_DRAWN = "Nothing drawn yet: draw a digit on the pad first."
-ALL_INK = "The pad is all ink, so nothing on it stands out: clear it and draw one digit."
-SHOWN_SCALE = 10  # the 28x28 image is shown 280x280, each pixel a sharp square rather than a browser-blurred one
-# The largest file the page accepts, of any upload to it. The pad sends its drawing as PNGs of a few KB (280x280
-# RGBA is 314 KB even uncompressed); without a limit gradio took 300 MB and kept it in its temp folder. Larger
-# files are refused (HTTP 413) while they arrive, and nothing of them is kept. The pixels of an image are capped
-# apart, by predict.MAX_PIXELS, since a small PNG can hold a huge image.
-MAX_UPLOAD_BYTES = 10_000_000
-# The largest request of any kind, JSON included (a drawing can be sent as base64 in the JSON of the read_digit
-# route, which max_file_size does not cover: a 600 MB one took the server to 3.3 GB). Room for an upload of
-# MAX_UPLOAD_BYTES and its multipart wrapping, so that gradio's own, clearer refusal answers those.
-MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 2_000_000
-CACHE_S = 3600  # the drawings the page was sent are deleted from gradio's temp folder after an hour
-
-
-def port_number(text):
-    """--port's value: a TCP port a page can be served on, 1 to 65535 (argparse says so in one line otherwise)."""
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError(text)
-    return port
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Read a digit</title><style>
+body { font-family: sans-serif; margin: 2em; } canvas { border: 1px solid #888; touch-action: none; }
+#pad { cursor: crosshair; } #answer { font-size: 2em; margin: 0.3em 0; } #seen { image-rendering: pixelated; }
+</style></head><body>
+<h1>Draw a digit</h1><p>Draw one digit on the pad, large, then press Read; or send an image file.</p>
+<canvas id="pad" width="280" height="280"></canvas> <canvas id="seen" width="28" height="28"
+style="width:140px;height:140px"></canvas>
+<p><button id="read">Read</button> <button id="clear">Clear</button> <input type="file" id="file" accept="image/*"></p>
+<div id="answer">&nbsp;</div><div id="top"></div>
+<script>
+const pad = document.getElementById("pad"), pen = pad.getContext("2d");
+function clear() { pen.fillStyle = "white"; pen.fillRect(0, 0, 280, 280); }
+clear();
+pen.lineWidth = 18; pen.lineCap = pen.lineJoin = "round"; pen.strokeStyle = "black";
+let down = false;
+pad.onpointerdown = e => { down = true; pen.beginPath(); pen.moveTo(e.offsetX, e.offsetY); };
+pad.onpointermove = e => { if (down) { pen.lineTo(e.offsetX, e.offsetY); pen.stroke(); } };
+pad.onpointerup = pad.onpointerleave = () => { down = false; };
+async function send(body) {
+  const reply = await (await fetch("/read", { method: "POST", body })).json();
+  document.getElementById("answer").textContent = reply.error || reply.answer;
+  document.getElementById("top").textContent = reply.top3 ? "likeliest: " +
+    reply.top3.map(([d, p]) => d + " " + (100 * p).toFixed(1) + "%").join(", ") : "";
+  const seen = document.getElementById("seen").getContext("2d"), image = seen.createImageData(28, 28);
+  (reply.digit || []).flat().forEach((v, i) => { image.data.set([255 * v, 255 * v, 255 * v, 255], 4 * i); });
+  seen.putImageData(image, 0, 0);
+}
+document.getElementById("read").onclick = () => pad.toBlob(send, "image/png");
+document.getElementById("clear").onclick = () => { clear(); document.getElementById("answer").innerHTML = "&nbsp;"; };
+document.getElementById("file").onchange = e => { if (e.target.files[0]) send(e.target.files[0]); };
+</script></body></html>"""
 
 
-def drawing_pad(**options):
-    """gr.Sketchpad(**options) that refuses an image of more than predict.MAX_PIXELS pixels, measured in its file's
-    header, before gradio decodes it whole (a 714 KB PNG of 13,300 x 13,300 pixels took the server to 5 GB), and
-    that decodes only the composite, which is all that read_drawing reads. The page draws only 280x280, but
-    anything can be sent to its address. read_drawing gives the one-line message.
+def make_server(model, knows, device, port=7860):
+    class Page(BaseHTTPRequestHandler):
+        def reply(self, status, body, kind="application/json"):
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-    Its preprocess method is replaced on this pad alone: gradio writes a .pyi file beside the module of any
-    subclass of its components, here app.pyi."""
-    pad = gr.Sketchpad(**options)
-    pad.preprocess = types.MethodType(_measured_preprocess, pad)  # bound, so that a copy of the pad binds its own
-    return pad
+        def do_GET(self):
+            if self.path == "/":
+                self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
+            else:
+                self.reply(404, b'{"error": "no such page"}')
 
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if self.path != "/read":
+                return self.reply(404, b'{"error": "no such page"}')
+            if self.headers.get("Origin") not in (None, f"http://{self.headers.get('Host')}"):  # another site's page
+                return self.reply(403, b'{"error": "requests from other sites are refused"}')
+            if not 0 < length <= LARGEST_REQUEST:
+                self.close_connection = True  # the body is never read
+                return self.reply(413, json.dumps({"error": f"send an image of 1 to {LARGEST_REQUEST:,} bytes"}).encode())
+            try:
+                digit = to_mnist(open_image(io.BytesIO(self.rfile.read(length)), "The image sent"), "The drawing")
+            except UserError as error:
+                return self.reply(200, json.dumps({"error": str(error)}).encode())
+            probabilities, distance = read(model, device, digit[None], knows)
+            top = probabilities[0].topk(3)
+            verdict = answer(probabilities[0], distance[0] if distance is not None else None, knows)
+            self.reply(200, json.dumps({"answer": str(verdict), "digit": digit.tolist(),
+                                        "top3": [[int(d), float(p)] for p, d in zip(top.values, top.indices)]}).encode())
 
-def _measured_preprocess(pad, payload):
-    # The images come as files uploaded to the page, or as blobs the pad keeps in memory under the payload's id
-    images = pad.blob_storage.get(payload.id) if payload is not None and payload.id is not None else payload
-    for image in [images.background, *images.layers, images.composite] if images is not None else []:
-        if image is None:
-            continue
-        try:
-            open_image(image.path if isinstance(image, FileData) else io.BytesIO(image), "The image sent").close()
-        except UserError as error:  # too large, or not an image at all
-            pad.blob_storage.pop(payload.id, None)
-            return {"background": None, "layers": [], "composite": None, "refused": str(error)}
-    if payload is not None and payload.id in pad.blob_storage:
-        pad.blob_storage[payload.id] = EditorDataBlobs(background=None, layers=[], composite=images.composite)
-    elif payload is not None:
-        payload = payload.model_copy(update={"background": None, "layers": []})
-    return type(pad).preprocess(pad, payload)
+        def log_message(self, *args):  # one line per request on stderr would drown the console
+            pass
 
-
-def read_drawing(model, device, calibration, drawing):
-    """(the top answers for gr.Label, the 28x28 image the model received, a one-line message) for the pad's value.
-
-    The pad sends {"background", "layers", "composite"}; composite is the drawing as an RGBA array (black ink on
-    opaque white), or None while nothing is drawn: before the brush is picked, before a stroke, after a clear.
-    drawing_pad decodes only the composite, and sends {"refused": message} for an image it would not decode."""
-    if drawing and drawing.get("refused"):
-        return None, None, drawing["refused"]
-    composite = drawing.get("composite") if drawing else None
-    if composite is None:
-        return None, None, NOTHING_DRAWN
-    height, width = np.shape(composite)[:2]
-    if height * width > MAX_PIXELS:
-        return None, None, too_large("The drawing", width, height)
-    try:
-        digit = to_mnist(composite, name="the drawing")
-    except UserError:  # a pad with no ink on it, or covered in it: nothing stands out
-        covered = float(grey_pixels(composite).mean()) < 0.5  # mostly dark, where the pad is white
-        return None, None, ALL_INK if covered else NOTHING_DRAWN
-    probs = classify(model, device, digit.unsqueeze(0), calibration)[0]
-    best = answer(probs, digit, calibration)
-    shown = np.kron((digit.numpy() * 255).round().astype(np.uint8), np.ones((SHOWN_SCALE, SHOWN_SCALE), np.uint8))
-    if best == NOT_A_DIGIT:
-        message = f"**Not a digit**, it seems: less sure than of almost any digit. The likeliest: {likeliest(probs)}."
-    elif best == NOT_SURE:
-        message = f"**Not sure** which digit this is. The likeliest: {likeliest(probs)}."
-    else:
-        message = f"Read as **{best}** ({100 * float(probs[best]):.1f}% sure)."
-    return {str(d): float(p) for d, p in enumerate(probs)}, shown, message
-
-
-def build_page(model, device, model_name, checkpoint, calibration):
-    with gr.Blocks(title="MNIST digit reader", delete_cache=(CACHE_S, CACHE_S)) as page:
-        run_file = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(checkpoint))),
-                                os.path.basename(checkpoint))  # the run's folder names the model; its path is long
-        gr.Markdown("# MNIST digit reader\n"
-                    f"Draw one digit (0-9), large, and press *Read the digit*: {model_name} (`{run_file}`) reads it "
-                    f"as an MNIST digit.")
-        with gr.Row():
-            with gr.Column():
-                pad = drawing_pad(label="Your digit", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
-                                  brush=gr.Brush(default_size=12, colors=["#000000"], color_mode="fixed"),
-                                  layers=False, elem_id="pad")
-                button = gr.Button("Read the digit", variant="primary", elem_id="read")
-            with gr.Column():
-                message = gr.Markdown(elem_id="message")
-                answer = gr.Label(num_top_classes=3, label="Top 3", elem_id="answer")
-                received = gr.Image(label="What the model received (28x28, shown enlarged)", type="numpy",
-                                    interactive=False, height=320, format="png", elem_id="received")
-        button.click(lambda drawing: read_drawing(model, device, calibration, drawing), inputs=pad,
-                     outputs=[answer, received, message], api_name="read_digit")
-    return page
+    return ThreadingHTTPServer(("127.0.0.1", port), Page)
 
 
 def main(argv=None):
-    parser = OneLineParser(description="A page to draw a digit on and see what the model reads.")
-    parser.add_argument("--checkpoint", metavar="PATH", help=CHECKPOINT_HELP)
-    parser.add_argument("--port", type=port_number, default=7860, help="the local port of the page, 1 to 65535 "
-                                                                      "(default: 7860)")
+    parser = OneLineParser(description="Serve a page to draw a digit on and let the model read it.")
+    parser.add_argument("--model", metavar="PATH", help="a model.pt (default: the newest finished run's)")
+    parser.add_argument("--port", type=int, default=7860, metavar="N", help="the port to serve on (default: 7860)")
     args = parser.parse_args(argv)
-
-    device = pick_device()
-    model_name, model, checkpoint, calibration = load_reader(args.checkpoint, device)
-    page = build_page(model, device, model_name, checkpoint, calibration)
-    try:
-        page.launch(server_name="127.0.0.1", server_port=args.port, show_error=True, max_file_size=MAX_UPLOAD_BYTES,
-                    app_kwargs={"max_body_size": MAX_REQUEST_BYTES})
-    except OSError:  # gradio's way of saying that the port is taken
-        sys.exit(f"error: cannot serve the page on 127.0.0.1:{args.port}: the port is in use "
-                 f"(choose another with --port N)")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be from 0 (any free one) to 65535, not {args.port}")
+    with runs.errors_in_one_line():
+        device = pick_device()
+        model, knows = load_reader(args.model, device)
+        server = make_server(model, knows, device, args.port)
+        print(f"Open http://127.0.0.1:{server.server_address[1]}/ in a browser (Ctrl-C to stop)")
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

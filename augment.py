@@ -1,65 +1,46 @@
-"""The training augmentation: each kind a small function of a batch on the device, and random_augment(), which
-draws every image's parameters from the settings in main_mnist.py's block and applies them in order.
+"""The training augmentation, done on the device a batch at a time: random_augment() draws each image's parameters
+from the run's settings, then moves the images.
 
-To add one: write a function of the batch below, add its setting to the block of main_mnist.py (it gets a flag,
-a line in run.json and a column in --compare by itself), and give it two lines in random_augment(): one that
-draws its parameters, one that applies them. docs/changing.md walks through SHIFT, added this way.
+To add a kind: give it a setting in a recipe of main_mnist.py (0: off), a draw and a transform in random_augment(),
+and, if it moves pixels, a matrix for affine(). docs/changing.md walks through SHIFT, added this way.
 """
 import torch
 import torch.nn.functional as F
 
 
-def resample(images, theta, mode):
-    """images [B, 1, H, W] sampled through the affine maps theta [B, 2, 3] (output to input coordinates, both in
-    [-1, 1], about the centre), with zeros outside, as torchvision's affine transforms fill."""
-    grid = F.affine_grid(theta, images.shape, align_corners=False)
+def affine(images, matrix, offset=None, mode="bilinear"):
+    """images [B, 1, H, W] resampled through per-image maps from output to input coordinates (both in [-1, 1] about
+    the centre): matrix [B, 2, 2], offset [B, 2]. Zeros come in at the edges, as torchvision's transforms fill."""
+    offset = matrix.new_zeros(len(matrix), 2) if offset is None else offset
+    grid = F.affine_grid(torch.cat([matrix, offset.unsqueeze(2)], dim=2), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def zoom(images, crop, crop_size):
-    """CenterCrop(crop_size) then Resize back (bilinear) on the images whose `crop` [B] is set: a zoom by
-    size / crop_size about the centre. The others pass unchanged, and are not resampled at all: with CROP_P 0.1,
-    nine images in ten."""
-    zoomed = images[crop]
-    if len(zoomed) == 0:  # (affine_grid refuses an empty batch)
-        return images
-    theta = zoomed.new_zeros(zoomed.shape[0], 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = crop_size / images.shape[-1]
-    images = images.clone()
-    images[crop] = resample(zoomed, theta, "bilinear")
-    return images
+def scaling(images, span):
+    """The matrices that stretch the middle `span` of each image (a share, or one per image) over all of it: a zoom
+    by 1 / span about the centre."""
+    span = torch.as_tensor(span, dtype=images.dtype, device=images.device).expand(len(images))
+    return torch.diag_embed(span.unsqueeze(1).expand(-1, 2))
 
 
-def rotate(images, angles):
-    """Each image rotated about its centre by its angle in `angles` [B] (degrees, counter-clockwise as PIL's),
-    nearest neighbour, the corners filled with 0: torchvision's RandomRotation."""
-    radians = torch.deg2rad(angles.to(images.dtype))
+def rotate(images, degrees):
+    """Each image turned counter-clockwise (as PIL turns) by its angle in `degrees` [B], nearest neighbour:
+    torchvision's RandomRotation."""
+    radians = torch.deg2rad(degrees.to(images.dtype))
     cos, sin = torch.cos(radians), torch.sin(radians)
-    theta = images.new_zeros(images.shape[0], 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
-    theta[:, 1, 0], theta[:, 1, 1] = sin, cos
-    return resample(images, theta, "nearest")
+    return affine(images, torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1), mode="nearest")
 
 
 def shift(images, offsets):
-    """Each image moved by whole pixels, offsets [B, 2] = (right, down), zeros coming in at the edges:
-    torchvision's affine(translate=...) with whole-pixel translations, as RandomAffine draws them."""
-    height, width = images.shape[-2:]
-    theta = images.new_zeros(images.shape[0], 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1
-    theta[:, 0, 2] = -2 * offsets[:, 0].to(images.dtype) / width  # a pixel is 2/width of the [-1, 1] span
-    theta[:, 1, 2] = -2 * offsets[:, 1].to(images.dtype) / height
-    return resample(images, theta, "nearest")
+    """Each image moved by whole pixels, offsets [B, 2] = (right, down): RandomAffine's translations."""
+    return affine(images, scaling(images, 1), -2 * offsets.to(images.dtype) / images.shape[-1], mode="nearest")
 
 
 def random_augment(images, settings):
-    """The training augmentation of a batch, images float [B, 1, H, W] in [0, 1], each image with parameters of
-    its own. settings: the run's settings (main_mnist.py's block): ROTATION, CROP_P, CROP_SIZE and SHIFT; a 0
-    turns that augmentation off.
-
-    The draws come first, in a fixed order (the original's angles, then its crops), then the transforms, in
-    torchvision's order: the same seed gives the same batches as before SHIFT was added."""
-    batch, device = images.shape[0], images.device
+    """The augmentation of a batch, images float [B, 1, 28, 28] in [0, 1]: a zoom of CROP_P of them by
+    28 / CROP_SIZE (the original's CenterCrop and Resize), a turn within +-ROTATION degrees, a move of up to SHIFT
+    pixels. Every draw comes before any transform, so that adding one leaves the others' draws as they were."""
+    batch, device = len(images), images.device
     if settings["ROTATION"]:
         angles = torch.empty(batch, device=device).uniform_(-settings["ROTATION"], settings["ROTATION"])
     if settings["CROP_P"]:
@@ -67,8 +48,10 @@ def random_augment(images, settings):
     if settings["SHIFT"]:
         offsets = torch.randint(-settings["SHIFT"], settings["SHIFT"] + 1, (batch, 2), device=device)
 
-    if settings["CROP_P"]:
-        images = zoom(images, crop, settings["CROP_SIZE"])
+    if settings["CROP_P"] and crop.any():
+        images = images.clone()
+        zoomed = images[crop]
+        images[crop] = affine(zoomed, scaling(zoomed, settings["CROP_SIZE"] / images.shape[-1]))
     if settings["ROTATION"]:
         images = rotate(images, angles)
     if settings["SHIFT"]:

@@ -1,4 +1,5 @@
-"""The networks: `Net`, the assignment's model layer for layer, and `CompactNet`, under 8,000 parameters."""
+"""The networks: `Net`, the assignment's model layer for layer; `CompactNet`, under 8,000 parameters; `FastNet`, 99% in
+one epoch of seconds on a CPU. Each returns log-probabilities [batch, 10]."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -63,5 +64,23 @@ def _conv_bn_relu(in_channels, out_channels, kernel_size):
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-# The models main_mnist.py, predict.py and app.py can build, by the name --model takes and checkpoints record.
-MODELS = {"Net": Net, "CompactNet": CompactNet}
+class FastNet(nn.Module):
+    """Two strided convolutions and two linear layers, 108,874 parameters: few, large operations, which a CPU runs
+    near its peak, where CompactNet's many thin ones leave it waiting. Trained for one epoch (RECIPES)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=5, stride=2)   # 16x12x12, RF 5
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, stride=2)  # 32x5x5, RF 13
+        self.fc1 = nn.Linear(800, 128)                           # 32*5*5 = 800 -> 128
+        self.fc2 = nn.Linear(128, 10)                            # 10 digit classes
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x), inplace=True)
+        x = F.relu(self.conv2(x), inplace=True)
+        x = F.relu(self.fc1(x.flatten(1)), inplace=True)
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+# The models main_mnist.py, predict.py and app.py can build, by the name --model takes and model.pt records.
+MODELS = {"Net": Net, "CompactNet": CompactNet, "FastNet": FastNet}

@@ -1,5 +1,7 @@
-"""The machinery behind main_mnist.py, predict.py and app.py, one job a file: the command line made from the block
-(settings), run folders and their records (runs, records), the device and layout (hardware), the figures, what a
-model knows (robustness, evaluation), the LR range test (lr_finder), images read as MNIST digits (images), safe
-files (files) and one-line errors (errors). A learner's edits belong in the files at the top, not here.
-"""
+"""What a learner need not open: the command line made from main_mnist.py's block, run folders and their records,
+the report at the end of a run, --compare, --find-lr, figures, and the image reading predict.py and app.py share."""
+
+
+class UserError(Exception):
+    """A problem the person running a script can fix (a bad setting, a damaged file, no network): said in one line,
+    `error: ...`, with exit status 1."""

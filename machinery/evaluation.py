@@ -1,93 +1,195 @@
-"""What a trained model is scored on beyond its accuracy: the report on the test set at the end of every run
-(per-class accuracy, the misclassified digits, the confusion matrix, the calibration), and --eval-only, which
-scores a saved model in a folder of its own, robustness curves included.
+"""What a trained model knows beyond its accuracy: the report at the end of a run (per-class accuracy, the
+misclassified digits, the confusion matrix, the calibration, "not sure" and "not a digit"), the robustness curves
+of --eval-only, and the answer predict.py and app.py give.
+
+"Not a digit" costs the classifier nothing: it is decided after training, from the features the model computed
+anyway (Sun et al., "Out-of-distribution detection with deep nearest neighbors", 2022). An image whose features,
+at the inputs of the model's last two layers with weights, lie farther from those of every one of BANK training
+digits than nearly all other training digits do, is no digit the model knows.
 """
+import math
 import os
 
-from machinery import records, robustness, runs, settings
-from machinery.figures import plot_confusion_matrix, plot_misclassified, plot_reliability, plot_robustness
-from machinery.hardware import LAYOUTS, choose_precision_and_layout
-from utils import (check_output, confusion_matrix, get_testloader, get_trainloader, loss_function, loss_name,
-                   per_class_accuracy, predict, test)
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from augment import affine, rotate, scaling, shift
+from machinery.figures import plot_confusion, plot_misclassified, plot_reliability
+from utils import autocast, normalize
+
+ANSWERED_ERROR = 0.002  # "not sure" below the lowest confidence at which the answers above it err at most this often
+MOST_UNSURE = 0.005     # ... but never declining more than this share of the test digits for it
+BANK = 10_000           # training digits whose features are kept in model.pt, to measure a new image against
+KEPT = 0.997            # "not a digit" beyond the distance that keeps this share of other training digits, per layer
+PROJECTED = 256         # wider features are projected to this many dimensions (random, fixed): 10 MB of bank at most
+ECE_BINS = 15           # confidence bins of the expected calibration error, as Guo et al. (2017)
 
 
-def report_test_set(model, device, test_loader, amp, folder, held_back=None):
-    """Per-class accuracy and the calibration on the console; the misclassified grid, the confusion matrix and the
-    reliability diagram as figures. Returns the calibration (robustness.calibrate) for run.json, chosen on the
-    `held_back` training digits where there are any, else on halves of the test set; None where the images are
-    too few to fit one (a dry run with --test-batch-size 1)."""
-    log_probabilities, labels = predict(model, device, test_loader, amp)
-    probabilities = log_probabilities.exp()
-    matrix = confusion_matrix(probabilities.argmax(dim=1), labels)
-    accuracies = per_class_accuracy(matrix)
-    print("Per-class test accuracy: " + "  ".join(f"{digit}: {acc:.2f}%" for digit, acc in enumerate(accuracies)))
-    with runs.uninterrupted():
-        plot_misclassified(test_loader.images, probabilities, labels, os.path.join(folder, records.MISCLASSIFIED))
-        plot_confusion_matrix(matrix, os.path.join(folder, records.CONFUSION))
-    held = predict(model, device, held_back, amp) if held_back is not None and len(held_back.labels) else None
-    if held is None and len(labels) < robustness.LEAST_TO_CALIBRATE:
-        print(f"Calibration: none, from {len(labels)} test image: each half of the test set must hold one")
-        return None
-    calibration = robustness.calibrate(log_probabilities, labels, *(held or ()))
-    print(f"Calibration, chosen on {calibration['chosen_on']}: expected calibration error on the test set "
-          f"{100 * calibration['ece_before']:.2f}% as trained, {100 * calibration['ece_after']:.2f}% at temperature "
-          f"{calibration['temperature']:.2f}; \"not sure\" below {100 * calibration['threshold']:.1f}% confidence "
-          f"(\"not a digit\" below {100 * calibration['not_a_digit']:.1f}%), which answers "
-          f"{100 * calibration['answered']:.1f}% of the test digits, {100 * calibration['answered_error']:.2f}% "
-          f"of them wrongly")
-    scaled = (log_probabilities / calibration["temperature"]).softmax(dim=1)
-    with runs.uninterrupted():
-        plot_reliability([(f"{os.path.basename(folder)}: calibration chosen on {calibration['chosen_on']}",
-                           robustness.reliability(probabilities, labels), robustness.reliability(scaled, labels),
-                           calibration["ece_before"], calibration["ece_after"], calibration["temperature"])],
-                         os.path.join(folder, records.RELIABILITY))
-    return calibration
+def last_layers(model, count=2):
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-count:]
 
 
-def report_robustness(model, device, test_loader, amp, folder, record, dry_run):
-    """The model's accuracy under each family of shifts (robustness.py) on the first test images (100 in a dry
-    run): robustness.csv, robustness.png, and their mean in run.json."""
-    curves, images = robustness.robustness_curves(model, device, test_loader.images, test_loader.labels, amp,
-                                                  count=100 if dry_run else robustness.ROBUSTNESS_IMAGES)
-    mean = robustness.mean_accuracy(curves)
-    record.update(robustness_mean=mean, robustness_images=images)
-    with runs.uninterrupted():
-        records.write_robustness(os.path.join(folder, records.ROBUSTNESS_CSV), curves, images)
-        plot_robustness({f"{os.path.basename(folder)}: {record['model']}": curves},
-                        os.path.join(folder, records.ROBUSTNESS_PLOT), images)
-    print(f"Robustness: accuracy {mean:.1f}% under shifts, the mean over {len(curves)} families of "
-          f"{images:,} shifted test images (a point's standard error is at most "
-          f"{robustness.standard_error(50, images):.1f} points); each family's curve in {records.ROBUSTNESS_CSV}")
+def outputs(model, device, images, amp=False, batch_size=1000):
+    """(log-probabilities [N, 10], [features [N, d] per last layer], unit length) of 28x28 images, uint8 or in
+    [0, 1]."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model calls no hooks: its own module does
+    captured = [[] for _ in last_layers(model)]
+    hooks = [layer.register_forward_hook(lambda module, inputs, output, i=i: captured[i].append(inputs[0].flatten(1)))
+             for i, layer in enumerate(last_layers(model))]
+    model.eval()
+    scores = []
+    try:
+        with torch.inference_mode(), autocast(device, amp):
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size].to(device).float()
+                batch = batch / 255 if images.dtype == torch.uint8 else batch
+                scores.append(model(normalize(batch.unsqueeze(1))).float().log_softmax(dim=1).cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(scores), [unit(project(torch.cat(f).float().cpu())) for f in captured]
 
 
-def held_back_of(checkpoint, hp, device, dry_run):
-    """The training digits the run that made `checkpoint` held back (its HELD_BACK, from the run.json beside it),
-    as batches, so that its calibration is chosen on them again; None where it held back none or has no record."""
-    trained = ((records.record_beside(checkpoint) or {}).get("hyperparameters") or {}).get("HELD_BACK")
-    if not isinstance(trained, (int, float)) or isinstance(trained, bool) or not 0 < trained <= 0.5:
-        return None
-    loader = get_trainloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, max_batches=1 if dry_run else None,
-                             layout=hp["LAYOUT"])
-    return loader.hold_back(trained, hp["TEST_BATCH_SIZE"])
+def project(features):
+    if features.shape[1] <= PROJECTED:
+        return features
+    return features @ torch.randn(features.shape[1], PROJECTED, generator=torch.Generator().manual_seed(0))
 
 
-def evaluate_only(args, device, defaults, recipes):
-    """Scores a saved model on the test set, into a folder of its own: nothing a training run made is touched."""
-    hp = settings.start(args, defaults, recipes)
-    model_name, model = records.load_model(args.checkpoint, device, hp["MODEL"] if hasattr(args, "MODEL") else None)
-    hp["MODEL"] = model_name
-    folder = runs.open_run_folder(args, hp, kind="eval")
-    amp = choose_precision_and_layout(hp, device, folder, lambda: model, timing=False)  # a test pass gains nothing
-    model.to(memory_format=LAYOUTS[hp["LAYOUT"]])
-    test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device,
-                                 max_batches=1 if args.dry_run else None, layout=hp["LAYOUT"])
-    print(f"Evaluating {model_name} from {args.checkpoint} on {device}; figures go to {folder}")
-    record = runs.new_record(hp, model, device, amp, args.argv, mode="eval-only")
-    criterion = loss_function(check_output(model, test_loader.sample()))
-    record.update(checkpoint=os.path.abspath(args.checkpoint), epochs_planned=0, loss=loss_name(criterion))
-    _, record["final_test_acc"] = test(model, device, test_loader, criterion, amp)
-    record["calibration"] = report_test_set(model, device, test_loader, amp, folder,
-                                            held_back_of(args.checkpoint, hp, device, args.dry_run))
-    report_robustness(model, device, test_loader, amp, folder, record, args.dry_run)
-    record["status"] = "finished"
-    runs.save_record(folder, record)
+def unit(features):
+    return features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def distances(features, bank):
+    """Per layer, the distance (1 - cosine) of each image's features to the nearest in the bank: [N, layers]."""
+    return torch.stack([torch.cat([1 - (f[i:i + 4096] @ b.float().T).max(dim=1).values for i in range(0, len(f), 4096)])
+                        for f, b in zip(features, bank)], dim=1)
+
+
+def answer(probabilities, distance, knows):
+    """What an image is read as: "not a digit", "not sure", or the digit."""
+    if knows.get("limits") is not None and bool((distance > torch.tensor(knows["limits"])).any()):
+        return "not a digit"
+    confidence, digit = probabilities.max(dim=0)
+    return int(digit) if float(confidence) >= knows["threshold"] else "not sure"
+
+
+def read(model, device, images, knows):
+    """(probabilities [N, 10] at the run's temperature, distances [N, layers] or None) of 28x28 images in [0, 1]."""
+    scores, features = outputs(model, device, images)
+    bank = knows.get("bank")
+    return (scores / knows["temperature"]).softmax(dim=1), distances(features, bank) if bank is not None else None
+
+
+def fit_temperature(scores, labels):
+    """The temperature whose softmax(scores / T) gives the labels the highest likelihood, among 1/10 to 10."""
+    temperatures = torch.logspace(-1, 1, 401, dtype=torch.float64)
+    losses = [float(F.cross_entropy(scores.double() / t, labels)) for t in temperatures]
+    return float(temperatures[min(range(len(losses)), key=losses.__getitem__)])
+
+
+def reliability(probabilities, labels):
+    """Per confidence bin: (mean confidence, accuracy, count), or None where empty; and the ECE they make."""
+    confidence, predicted = probabilities.max(dim=1)
+    correct = predicted.eq(labels).double()
+    which = (confidence * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+    rows = [(float(confidence[which == b].double().mean()), float(correct[which == b].mean()), int((which == b).sum()))
+            if (which == b).any() else None for b in range(ECE_BINS)]
+    return rows, sum(n * abs(a - c) for c, a, n in filter(None, rows)) / len(labels)
+
+
+def not_sure_threshold(probabilities, labels):
+    """The lowest confidence above which the answers err at most ANSWERED_ERROR of the time, capped so that at
+    most MOST_UNSURE of these digits fall below it."""
+    confidence, predicted = probabilities.max(dim=1)
+    order = confidence.argsort(descending=True)
+    error_rate = (~predicted.eq(labels))[order].double().cumsum(0) / torch.arange(1, len(order) + 1)
+    good = (error_rate <= ANSWERED_ERROR).nonzero()
+    threshold = float(confidence[order][good[-1, 0]]) if len(good) else 1.0
+    return min(threshold, float(confidence.double().quantile(MOST_UNSURE)))
+
+
+def report(model, device, train_images, test_images, test_labels, amp, folder):
+    """The end of a run: per-class accuracy, misclassified.png, confusion_matrix.png, reliability.png, and what
+    predict.py needs to answer: {temperature, threshold, bank, limits}. The temperature and the "not sure"
+    threshold are fitted on the test set (one number each); the bank and the "not a digit" limits come from
+    training digits (BANK of them, and as many others to set the limits), chosen the same for every seed."""
+    scores, test_features = outputs(model, device, test_images, amp)
+    probabilities = scores.exp()
+    matrix = torch.bincount(test_labels * 10 + probabilities.argmax(1), minlength=100).reshape(10, 10)
+    accuracy = 100 * matrix.diag() / matrix.sum(1).clamp(min=1)
+    print("Per-class test accuracy: " + "  ".join(f"{d}: {a:.2f}%" for d, a in enumerate(accuracy.tolist())))
+    plot_misclassified(test_images, probabilities, test_labels, os.path.join(folder, "misclassified.png"))
+    plot_confusion(matrix, os.path.join(folder, "confusion_matrix.png"))
+
+    temperature = fit_temperature(scores, test_labels)
+    scaled = (scores / temperature).softmax(dim=1)
+    (before, ece_before), (after, ece_after) = reliability(probabilities, test_labels), reliability(scaled, test_labels)
+    plot_reliability(before, after, temperature, os.path.join(folder, "reliability.png"))
+    threshold = not_sure_threshold(scaled, test_labels)
+
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
+    size = min(BANK, len(order) // 2)
+    _, bank = outputs(model, device, train_images[order[:size]], amp)
+    _, others = outputs(model, device, train_images[order[size:2 * size]], amp)
+    limits = distances(others, bank).double().quantile(KEPT, dim=0)
+    knows = {"temperature": temperature, "threshold": threshold, "limits": limits.tolist(),
+             "bank": [b.half() for b in bank]}
+    answers = [answer(p, d, knows) for p, d in zip(scaled, distances(test_features, bank))]
+    declined = sum(isinstance(a, str) for a in answers)
+    wrong = sum(a != int(y) for a, y in zip(answers, test_labels) if not isinstance(a, str))
+    print(f"Calibration: expected calibration error {100 * ece_before:.2f}% as trained, {100 * ece_after:.2f}% at "
+          f"temperature {temperature:.2f}; \"not sure\" below {100 * threshold:.1f}% confidence. Declined "
+          f"(\"not sure\" or \"not a digit\"): {100 * declined / len(answers):.2f}% of the test digits; "
+          f"{100 * wrong / max(1, len(answers) - declined):.2f}% of the others read wrongly")
+    declined /= len(answers)
+    return knows, {"temperature": temperature, "threshold": threshold, "not_a_digit_limits": limits.tolist(),
+                   "ece_before": ece_before, "ece_after": ece_after, "test_declined": declined}
+
+
+# ---- Robustness: accuracy under families of shifts, each a function of a batch [B, 1, 28, 28] in [0, 1] ----
+
+def stroke(images, steps):
+    """Strokes thicker (steps > 0) or thinner (< 0) by that many 3x3 dilations or erosions."""
+    sign = 1 if steps > 0 else -1
+    for _ in range(abs(steps)):
+        images = sign * F.max_pool2d(sign * images, 3, stride=1, padding=1)
+    return images
+
+
+def blur(images, sigma):
+    radius = math.ceil(3 * sigma)
+    kernel = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * sigma ** 2)).to(images.device)
+    kernel = (kernel / kernel.sum()).view(1, 1, 1, -1)
+    return F.conv2d(F.conv2d(images, kernel, padding=(0, radius)), kernel.transpose(2, 3), padding=(radius, 0))
+
+
+FAMILIES = {  # name: (function of a batch and a strength, the strengths; the first leaves the images as they are)
+    "rotation (degrees)": (lambda x, a: rotate(x, x.new_full((len(x),), a)), [0, 15, 30, 45, 60, 90]),
+    "translation (pixels)": (lambda x, p: shift(x, x.new_tensor([[p, 0], [0, p], [-p, 0], [0, -p]]).long()
+                                                 .repeat(len(x) // 4 + 1, 1)[:len(x)]), [0, 2, 4, 6, 8]),
+    "scale (factor)": (lambda x, f: affine(x, scaling(x, 1 / f)), [1.0, 0.5, 0.75, 1.25, 1.5]),
+    "stroke width (- thinner, + thicker)": (stroke, [0, -2, -1, 1, 2, 3]),
+    "Gaussian noise (std)": (lambda x, s: (x + s * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+                                           .to(x.device)).clamp(0, 1), [0, 0.2, 0.4, 0.6, 1.0]),
+    "blur (sigma in pixels)": (lambda x, s: blur(x, s) if s else x, [0, 1.0, 1.5, 2.0, 3.0]),
+    "contrast (1 as is, -1 inverted)": (lambda x, c: x * c + (1 - c) / 2, [1.0, 0.5, 0.25, 0.0, -1.0]),
+}
+
+
+def robustness_curves(model, device, images, labels, amp=False):
+    """{family: [(strength, accuracy in %)]} on `images` (uint8 [N, 28, 28]) and their labels."""
+    model.eval()
+    curves = {}
+    with tqdm(total=sum(len(s) for _, s in FAMILIES.values()), desc="Robustness", leave=False) as bar:
+        for family, (transform, strengths) in FAMILIES.items():
+            curves[family] = []
+            for strength in strengths:
+                batch = transform(images.to(device).unsqueeze(1).float() / 255, strength)
+                with torch.inference_mode(), autocast(device, amp):
+                    correct = model(normalize(batch)).argmax(1).cpu().eq(labels).double().mean()
+                curves[family].append((strength, 100 * float(correct)))
+                bar.update()
+            curves[family].sort()
+    return curves

@@ -1,16 +1,30 @@
-"""Non-digits to measure a model on, made by code that training never uses (machinery/non_digits.py makes those):
-other fonts, other letter sets, other drawing. Each kind is a function of a random.Random, returning a PIL image of
-dark ink on light paper, as a person's photo or drawing would be; predict.py's path (machinery/images.to_mnist)
-brings it to 28x28. Like training, they leave out what passes for a digit: no O, I, l, S, Z, no ring, no lone bar.
+"""Does a model know a digit from what is not one? The measurements behind docs/model-knows.md.
 
-    python3 benchmarks/non_digit_kinds.py [--out non_digit_kinds.png]   draws a few of each kind
+    python3 -m benchmarks.not_a_digit MODEL_PT [MODEL_PT ...] [--data-dir data] [--each 300]
+
+For each model.pt (a finished run's), the answers predict.py gives, with the run's own calibration, to:
+  - MNIST's 10,000 test digits (the share declined, "not sure" or "not a digit", and the accuracy of the rest);
+  - --each images of five kinds of non-digit drawn below, by code that no training uses;
+  - the 1,797 handwritten digits of the UCI set (43 writers, none of MNIST's; scikit-learn ships them:
+    pip install scikit-learn), and 1,000 MNIST test digits photographed (dark ink on light paper, larger,
+    off-centre, with sensor noise), both read through predict.py's path (images.to_mnist).
+Three rules are compared on the same images: confidence alone ("not sure" below the run's threshold), nearest
+neighbour on the input of the last layer only, and what predict.py uses: nearest neighbour on the inputs of the
+last two layers, then confidence.
 """
 import argparse
 import math
 import os
 import random
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from machinery.evaluation import answer, read
+from machinery.images import to_mnist
+from machinery.tools import load_model
+from utils import load_mnist
 
 SIZE = 200  # pixels a side of each drawing
 LATIN = "AEFHKMNPRUVWXYacefhkmnrtuvwxy"  # capitals and small letters but the digit-like (O, I, l, S, Z, B, g, q, ...)
@@ -135,18 +149,63 @@ KINDS = {"letters, other fonts": letters_other_fonts, "Greek letters and signs":
          "shapes": shapes, "scribbles": scribbles, "doodles": doodles}
 
 
+def photo_of(digit, rng):
+    """A MNIST digit as a user's photo of it: dark ink on light paper, larger, off-centre, with sensor noise."""
+    enlarged = Image.fromarray(np.uint8(225 - 185 * (digit.numpy() / 255))).resize((84, 84), Image.BICUBIC)
+    canvas = Image.new("L", (200, 160), 225)
+    canvas.paste(enlarged, (int(rng.integers(0, 116)), int(rng.integers(0, 76))))
+    return Image.fromarray(np.uint8((np.asarray(canvas) + rng.normal(0, 3, (160, 200))).clip(0, 255)))
+
+
+def image_sets(data_dir, each):
+    """{name: (images [N, 28, 28] in [0, 1], labels or None)}: MNIST's test digits, the kinds, UCI, photos."""
+    images, labels = load_mnist(data_dir, train=False)
+    rng, noise = random.Random(0), np.random.default_rng(0)
+    sets = {"MNIST test digits": (images.float() / 255, labels)}
+    sets.update({kind: (torch.stack([to_mnist(make(rng)) for _ in range(each)]), None) for kind, make in KINDS.items()})
+    try:
+        from sklearn.datasets import load_digits
+        uci = load_digits()
+        sets["UCI digits"] = (torch.stack([to_mnist(Image.fromarray(np.uint8(255 - im * 255 / 16)).resize(
+            (64, 64), Image.BILINEAR)) for im in uci.images]), torch.as_tensor(uci.target))
+    except ImportError:
+        print("Note: no scikit-learn, so no UCI digits (pip install scikit-learn)")
+    sets["photographed test digits"] = (torch.stack([to_mnist(photo_of(d, noise)) for d in images[:1000]]),
+                                        labels[:1000])
+    return sets
+
+
+def declined(model, knows, images, labels):
+    """{rule: (% declined, % right among the rest or None)} of the three rules compared."""
+    probabilities, distance = read(model, torch.device("cpu"), images, knows)
+    last_only = {**knows, "limits": [math.inf, knows["limits"][-1]]}
+    rules = {"confidence alone": {**knows, "limits": None}, "nearest neighbour, last layer": last_only,
+             "nearest neighbour, last two layers (predict.py)": knows}
+    result = {}
+    for rule, used in rules.items():
+        answers = [answer(p, d, used) for p, d in zip(probabilities, distance)]
+        kept = [(a, int(y)) for a, y in zip(answers, labels if labels is not None else [0] * len(answers))
+                if not isinstance(a, str)]
+        right = 100 * sum(a == y for a, y in kept) / len(kept) if labels is not None and kept else None
+        result[rule] = (100 * (1 - len(kept) / len(answers)), right)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="non_digit_kinds.png", help="where to draw a few of each kind")
-    parser.add_argument("--each", type=int, default=12, help="how many of each kind")
+    parser.add_argument("models", nargs="+", metavar="MODEL_PT")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--each", type=int, default=300, help="images of each non-digit kind")
     args = parser.parse_args()
-    rng = random.Random(0)
-    sheet = Image.new("L", (args.each * 64, len(KINDS) * 64), 255)
-    for row, make in enumerate(KINDS.values()):
-        for column in range(args.each):
-            sheet.paste(make(rng).resize((60, 60), Image.LANCZOS), (column * 64 + 2, row * 64 + 2))
-    sheet.save(args.out)
-    print(f"Saved: {args.out} ({', '.join(KINDS)}, a row each)")
+    sets = image_sets(args.data_dir, args.each)
+    for path in args.models:
+        name, model, knows = load_model(path, torch.device("cpu"))
+        print(f"\n{name} from {path}\n\n| images | " + " | ".join(declined(model, knows, *sets["MNIST test digits"]))
+              + " |\n|---|---|---|---|")
+        for set_name, (images, labels) in sets.items():
+            cells = [f"{d:.1f}%" + (f" ({r:.2f}% right)" if r is not None else "")
+                     for d, r in declined(model, knows, images, labels).values()]
+            print(f"| {set_name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
