@@ -73,7 +73,8 @@ def make_server(model, knows, device, port=7860):
                 return self.reply(403, b'{"error": "requests from other sites are refused"}')
             if not 0 < length <= LARGEST_REQUEST:
                 self.close_connection = True  # the body is never read
-                return self.reply(413, json.dumps({"error": f"send an image of 1 to {LARGEST_REQUEST:,} bytes"}).encode())
+                refusal = {"error": f"send an image of 1 to {LARGEST_REQUEST:,} bytes"}
+                return self.reply(413, json.dumps(refusal).encode())
             try:
                 digit = to_mnist(open_image(io.BytesIO(self.rfile.read(length)), "The image sent"), "The drawing")
             except UserError as error:
@@ -81,8 +82,8 @@ def make_server(model, knows, device, port=7860):
             probabilities, distance = read(model, device, digit[None], knows)
             top = probabilities[0].topk(3)
             verdict = answer(probabilities[0], distance[0] if distance is not None else None, knows)
-            self.reply(200, json.dumps({"answer": str(verdict), "digit": digit.tolist(),
-                                        "top3": [[int(d), float(p)] for p, d in zip(top.values, top.indices)]}).encode())
+            top3 = [[int(d), float(p)] for p, d in zip(top.values, top.indices)]
+            self.reply(200, json.dumps({"answer": str(verdict), "digit": digit.tolist(), "top3": top3}).encode())
 
         def log_message(self, *args):  # one line per request on stderr would drown the console
             pass

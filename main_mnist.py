@@ -14,8 +14,8 @@ import torch.optim as optim
 
 from machinery import UserError, runs, settings
 from model import MODELS
-from utils import (autocast, bfloat16_is_native, data_visualization, get_testloader, get_trainloader, model_summary,
-                   pick_device, step_epoch_schedule, test, train)
+from utils import (bfloat16_is_native, data_visualization, describe_data, get_testloader, get_trainloader,
+                   model_summary, pick_device, step_epoch_schedule, test, train)
 
 # ---- Settings. Edit them here, or override any for one run with its flag (see --help). ----
 MODEL = "Net"            # the model of model.py to train; its recipe in RECIPES below sets how (--model NAME)
@@ -48,7 +48,7 @@ RECIPES = {
     "CompactNet": dict(EPOCHS=15, BATCH_SIZE=128, LR=0.2, MOMENTUM=0.95, NESTEROV=True, WEIGHT_DECAY=0.0,
                        SCHEDULE="onecycle", STEP_SIZE=15, GAMMA=0.1, ROTATION=15.0, CROP_P=0.1, CROP_SIZE=22, SHIFT=0,
                        LABEL_SMOOTHING=0.0),
-    "FastNet": dict(EPOCHS=1, BATCH_SIZE=128, LR=0.05, MOMENTUM=0.9, NESTEROV=True, WEIGHT_DECAY=0.0,
+    "FastNet": dict(EPOCHS=1, BATCH_SIZE=128, LR=0.3, MOMENTUM=0.9, NESTEROV=True, WEIGHT_DECAY=0.0,
                     SCHEDULE="onecycle", STEP_SIZE=15, GAMMA=0.1, ROTATION=0.0, CROP_P=0.0, CROP_SIZE=22, SHIFT=0,
                     LABEL_SMOOTHING=0.0),
 }
@@ -129,6 +129,7 @@ def train_run(args, device):
     criterion = loss_function(hp)
     folder = folder or runs.new_folder(hp["OUT_DIR"], hp["MODEL"])
     print(f"Run folder: {folder}\nDevice: {runs.device_name(device)}, {'bfloat16' if amp else 'float32'}")
+    print(describe_data(train_loader.images, test_loader.images))
     model_summary(model)
     group = {k: v for k, v in optimizer.param_groups[0].items() if k in ("lr", "momentum", "betas", "nesterov",
                                                                           "weight_decay")}

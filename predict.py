@@ -9,7 +9,6 @@ import io
 import os
 import sys
 
-import torch
 from PIL import Image
 
 from machinery import UserError, runs

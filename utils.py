@@ -96,6 +96,19 @@ def get_testloader(data_dir, batch_size, device="cpu", max_batches=None, dataset
     return MnistBatches(images.to(device), labels.to(device), batch_size, max_batches=max_batches)
 
 
+def describe_data(train_images, test_images):
+    """A line on the data: counts, shape, type, and the training pixels' mean and std in [0, 1], which
+    Normalize((MNIST_MEAN,), (MNIST_STD,)) takes to 0 and 1."""
+    counts = torch.bincount(train_images.flatten(), minlength=256).double().cpu()  # exact, and no float copy
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    mean = float((counts * levels).sum() / counts.sum())
+    std = float(((counts * (levels - mean) ** 2).sum() / counts.sum()).sqrt())
+    return (f"Data: {len(train_images):,} training and {len(test_images):,} test images of "
+            f"{'x'.join(map(str, train_images.shape[1:]))} {str(train_images.dtype)[6:]} on {train_images.device}; "
+            f"training pixels in [0, 1]: mean {mean:.4f}, std {std:.4f} "
+            f"(normalized with {MNIST_MEAN}, {MNIST_STD})")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Device and precision
 
@@ -184,7 +197,8 @@ def test(model, device, test_loader, criterion=F.nll_loss, amp=False, verbose=Tr
             correct += int(GetCorrectPredCount(output, target.to(device)))
             seen += len(target)
     if verbose:
-        print(f"Test set: Average loss: {loss_sum / seen:.4f}, Accuracy: {correct}/{seen} ({100 * correct / seen:.2f}%)")
+        print(f"Test set: Average loss: {loss_sum / seen:.4f}, "
+              f"Accuracy: {correct}/{seen} ({100 * correct / seen:.2f}%)")
     return loss_sum / seen, 100 * correct / seen
 
 

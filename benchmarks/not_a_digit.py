@@ -16,12 +16,13 @@ import argparse
 import math
 import os
 import random
+import tempfile
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from machinery.evaluation import answer, read
+from machinery.evaluation import answer, read, report
 from machinery.images import to_mnist
 from machinery.tools import load_model
 from utils import load_mnist
@@ -200,6 +201,11 @@ def main():
     sets = image_sets(args.data_dir, args.each)
     for path in args.models:
         name, model, knows = load_model(path, torch.device("cpu"))
+        if "bank" not in knows:  # a bare state_dict: its run's end-of-run report is made again, as main_mnist.py does
+            with tempfile.TemporaryDirectory() as folder:
+                train_images = load_mnist(args.data_dir, train=True)[0][:20000]
+                knows = report(model, torch.device("cpu"), train_images, (sets["MNIST test digits"][0] * 255).byte(),
+                               sets["MNIST test digits"][1], False, folder)[0]
         print(f"\n{name} from {path}\n\n| images | " + " | ".join(declined(model, knows, *sets["MNIST test digits"]))
               + " |\n|---|---|---|---|")
         for set_name, (images, labels) in sets.items():

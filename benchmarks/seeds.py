@@ -24,7 +24,7 @@ def main():
     parser.add_argument("extra", nargs="*", help="more flags for main_mnist.py, after --")
     args = parser.parse_args()
     finals = []
-    print(f"| seed | final % | best % | last 3 epochs % | seconds |\n|---|---|---|---|---|")
+    print("| seed | final % | best % | last 3 epochs % | seconds |\n|---|---|---|---|---|")
     held = True
     for seed in args.seeds:
         parent = os.path.join(args.out_dir, f"{args.model}-seed{seed}")
@@ -32,7 +32,7 @@ def main():
                 if os.path.isfile(os.path.join(parent, f, "model.pt"))]
         if not done:
             subprocess.run([sys.executable, os.path.join(REPO, "main_mnist.py"), "--model", args.model, "--seed",
-                            str(seed), "--out-dir", parent, *args.extra], check=True, stdout=subprocess.DEVNULL)
+                            str(seed), "--out-dir", parent, *args.extra], check=True, capture_output=True)
             done = [f for f in os.listdir(parent) if os.path.isfile(os.path.join(parent, f, "model.pt"))]
         with open(os.path.join(parent, sorted(done)[-1], "metrics.csv")) as f:
             rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -21,6 +21,7 @@ def save(fig, path):
 def image_grid(images, titles, path, title, columns=8, gap=12):
     """Images [N, H, W] in [0, 1], light on black, laid out `columns` to a row under their titles, drawn as one
     picture (an axes per image is ten times slower)."""
+    images = images.float().cpu().numpy()
     count, height, width = images.shape
     rows = max(1, math.ceil(count / columns))
     mosaic = np.full((rows * (height + gap) + gap, columns * (width + gap) - gap), np.nan, dtype=np.float32)
@@ -29,7 +30,7 @@ def image_grid(images, titles, path, title, columns=8, gap=12):
     ax.axis("off")
     for index, (image, text) in enumerate(zip(images, titles)):
         top, left = gap + (index // columns) * (height + gap), (index % columns) * (width + gap)
-        mosaic[top:top + height, left:left + width] = np.asarray(image, dtype=np.float32)
+        mosaic[top:top + height, left:left + width] = image
         ax.text(left + width / 2, top - 1, text, ha="center", va="bottom", fontsize=10)
     ax.imshow(mosaic, cmap=colormaps["gray"].with_extremes(bad="white"), vmin=0, vmax=1)
     fig.suptitle(title, y=1.04)

@@ -71,10 +71,10 @@ def parse_args(argv, block, recipes, source):
 
 
 def resolve(args, block, recipes):
-    """The settings of a new run: the block, then the recipe of its MODEL (Net's for a model that has none),
-    then the flags; each value checked."""
+    """The settings of a new run: the block, then the recipe of its MODEL over Net's (which gives what a recipe
+    leaves out, and all of a model that has none), then the flags; each value checked."""
     model = args.given.get("MODEL", block["MODEL"])
-    hp = {**block, **recipes.get(model, recipes["Net"]), **args.given}
+    hp = {**block, **recipes["Net"], **recipes.get(model, {}), **args.given}
     check(hp, defaults(block, recipes), "")
     return hp
 
@@ -99,7 +99,7 @@ def resumed(args, checkpoint, block, recipes):
     if not isinstance(checkpoint["settings"], dict):
         raise UserError(f"{args.resume} is damaged: its settings are no mapping")
     model = checkpoint["settings"].get("MODEL")
-    hp = {**block, **recipes.get(model, recipes["Net"]), **checkpoint["settings"], **args.given}
+    hp = {**block, **recipes["Net"], **recipes.get(model, {}), **checkpoint["settings"], **args.given}
     fixed = [flag(name) for name, value in args.given.items()
              if name not in RESUMABLE and value != checkpoint["settings"].get(name)]
     if fixed:

@@ -32,10 +32,12 @@ def compare(folders, out_dir):
             hp = record["settings"]
             code = record["code"].get("commit", "?")[:7] + ("+" if record["code"].get("changes") else "")
             rows.append([os.path.basename(folder), record["model"], record["status"], f"{record['epochs_done']}/"
-                         f"{hp['EPOCHS']}", f"{history[-1]['test_acc']:.2f}", f"{max(r['test_acc'] for r in history):.2f}",
+                         f"{hp['EPOCHS']}", f"{history[-1]['test_acc']:.2f}",
+                         f"{max(r['test_acc'] for r in history):.2f}",
                          f"{record['seconds']:.0f}", f"{hp['BATCH_SIZE']}", f"{hp['LR']:g}", hp["SCHEDULE"], code])
             curves.append((os.path.basename(folder), history))
-        except (UserError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as error:
+        except (UserError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                OverflowError) as error:  # a record edited by hand can break any field
             reason = runs.first_line(error) if isinstance(error, UserError) else f"{type(error).__name__} {error}"
             rows.append([os.path.basename(folder), f"damaged or unreadable: {reason[:100]}"])
     header = ["run", "model", "status", "epochs", "final %", "best %", "seconds", "batch", "lr", "schedule", "code"]

@@ -38,7 +38,8 @@ def test_help_lists_every_setting_with_its_comment_and_default(capsys):
 @pytest.mark.parametrize("flags, words", [
     (["--epochs", "0"], "EPOCHS (--epochs) must be from 1"), (["--lr", "nan"], "LR (--lr) must be from"),
     (["--batch-size", "2.5"], "BATCH_SIZE must be int"), (["--model", "Nett"], "MODEL must be one of"),
-    (["--crop-p", "1.5"], "CROP_P (--crop-p) must be from 0 to 1"), (["--dataset", "CIFAR10"], "DATASET must be one of"),
+    (["--crop-p", "1.5"], "CROP_P (--crop-p) must be from 0 to 1"),
+    (["--dataset", "CIFAR10"], "DATASET must be one of"),
     (["--epoks", "3"], "unrecognized arguments: --epoks")])
 def test_a_bad_flag_is_one_line_and_a_non_zero_exit(capsys, flags, words):
     code, out, err = run_main(capsys, *flags)
@@ -55,7 +56,7 @@ def test_a_dry_run_leaves_a_finished_run_with_every_file(capsys, data_dir, tmp_p
     assert record["status"] == "finished" and record["settings"]["EPOCHS"] == main_mnist.RECIPES["FastNet"]["EPOCHS"]
     assert record["final_test_acc"] == float(metrics(folder)[-1]["test_acc"])
     assert {"temperature", "threshold", "not_a_digit_limits"} <= set(record["calibration"])
-    assert f"MODEL=FastNet [flag]" in out and "Total params" in out and f"Run folder: {folder}" in out
+    assert "MODEL=FastNet [flag]" in out and "Total params" in out and f"Run folder: {folder}" in out
 
 
 def test_a_setting_edited_in_a_recipe_is_the_one_trained_with(capsys, data_dir, tmp_path, monkeypatch):
@@ -150,7 +151,8 @@ def test_a_run_whose_folder_is_deleted_and_made_again_writes_nothing_there(capsy
 
 
 def test_an_adamw_swap_with_one_cycle_records_the_betas_it_cycles(capsys, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(main_mnist, "build_optimizer", lambda model, hp: torch.optim.AdamW(model.parameters(), hp["LR"]))
+    monkeypatch.setattr(main_mnist, "build_optimizer",
+                        lambda model, hp: torch.optim.AdamW(model.parameters(), hp["LR"]))
     code, out, err = dry_run(capsys, data_dir, tmp_path)
     recorded = runs.read_json(os.path.join(only_run(tmp_path), runs.RECORD))["optimizer"]
     assert code == 0 and recorded["class"] == "AdamW"
@@ -243,7 +245,8 @@ def test_find_lr_suggests_an_lr_and_leaves_the_model_as_it_was(capsys, data_dir,
     code, out, err = run_main(capsys, "--model", "FastNet", "--find-lr", "--dry-run", "--data-dir", data_dir,
                               "--out-dir", tmp_path)
     assert code == 0, err
-    assert re.search(r"Suggested lr: [\d.e-]+", out) and os.path.isfile(os.path.join(only_run(tmp_path), "lr_finder.png"))
+    assert re.search(r"Suggested lr: [\d.e-]+", out)
+    assert os.path.isfile(os.path.join(only_run(tmp_path), "lr_finder.png"))
 
 
 def test_eval_only_writes_robustness_curves_into_a_folder_of_its_own(capsys, data_dir, trained, tmp_path):
