@@ -133,7 +133,7 @@ def plot_predictions(names, images, digits, probabilities, answers, path):
     for row, axes in enumerate(fig.subplots(len(names), 3, squeeze=False)):
         axes[0].imshow(np.asarray(images[row]))
         axes[0].set_title(os.path.basename(names[row])[:40], fontsize=9)
-        axes[1].imshow(digits[row], cmap="gray", vmin=0, vmax=1)
+        axes[1].imshow(digits[row].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[1].set_title(f"read: {answers[row]}", fontsize=9)
         for ax in axes[:2]:
             ax.axis("off")
