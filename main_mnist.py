@@ -97,7 +97,7 @@ def check_forward(model, loader):
     model.eval()
     try:
         with torch.no_grad():
-            output = model(next(iter(loader))[0][:8]).float()
+            output = model(next(iter(loader))[0][:8]).float().cpu()
     except RuntimeError as error:  # a layer that does not fit the one before it, typically
         raise UserError(f"the model's forward fails on a batch of [8, 1, 28, 28]: {runs.first_line(error)}") from None
     if output.shape != (8, 10) or not torch.allclose(output.logsumexp(1), torch.zeros(8), atol=1e-3):

@@ -118,7 +118,7 @@ def find_lr(model, optimizer, loader, criterion, device, hp, steps=100, low=1e-7
                 loss = criterion(model(data), target)
             loss.backward()
             optimizer.step()
-            smoothed = float(loss) if smoothed is None else 0.95 * smoothed + 0.05 * float(loss)
+            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
             if not math.isfinite(smoothed) or (losses and smoothed > 4 * min(losses)):
                 break
             lrs.append(lr)
