@@ -3,6 +3,7 @@
 Edit the settings below, or override any of them for one run with its flag (--epochs 1, --lr 0.05, ...). Each run
 writes into a new folder of its own, OUT_DIR/<date>_<time>_<model>; `--compare` puts runs side by side.
 """
+import math
 import os
 import random
 import sys
@@ -48,7 +49,7 @@ RECIPES = {
     "CompactNet": dict(EPOCHS=15, BATCH_SIZE=128, LR=0.2, MOMENTUM=0.95, NESTEROV=True, WEIGHT_DECAY=0.0,
                        SCHEDULE="onecycle", STEP_SIZE=15, GAMMA=0.1, ROTATION=15.0, CROP_P=0.1, CROP_SIZE=22, SHIFT=0,
                        LABEL_SMOOTHING=0.0),
-    "FastNet": dict(EPOCHS=1, BATCH_SIZE=128, LR=0.3, MOMENTUM=0.9, NESTEROV=True, WEIGHT_DECAY=0.0,
+    "FastNet": dict(EPOCHS=1, BATCH_SIZE=128, LR=0.5, MOMENTUM=0.9, NESTEROV=True, WEIGHT_DECAY=0.0,
                     SCHEDULE="onecycle", STEP_SIZE=15, GAMMA=0.1, ROTATION=0.0, CROP_P=0.0, CROP_SIZE=22, SHIFT=0,
                     LABEL_SMOOTHING=0.0),
 }
@@ -164,6 +165,8 @@ def train_run(args, device):
             lr = optimizer.param_groups[0]["lr"]  # the lr the epoch begins with
             train_loss, train_acc = train(model, device, train_loader, optimizer, criterion, scheduler, amp)
             test_loss, test_acc = test(model, device, test_loader, criterion, amp, verbose=False)
+            if not math.isfinite(test_loss):  # the last steps can blow the weights up after train() looked
+                raise UserError(f"the test loss became {test_loss}: the lr is too high for this model (try a tenth)")
             step_epoch_schedule(scheduler, test_loss)
             history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                                 test_acc=test_acc, lr=lr, seconds=time.perf_counter() - start))

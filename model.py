@@ -60,20 +60,20 @@ class CompactNet(nn.Module):
 
 
 class FastNet(nn.Module):
-    """Two strided Conv-BatchNorm-ReLU blocks and two linear layers, 215,994 parameters: few, large operations, which
-    a CPU runs near its peak, where CompactNet's many thin ones leave it waiting. One epoch of it is seconds."""
+    """Two strided Conv-BatchNorm-ReLU blocks and two linear layers, the first batch-normalized too: few, large
+    operations, which a CPU runs near its peak, where CompactNet's many thin ones leave it waiting. One epoch of it
+    takes seconds."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = _conv_bn_relu(1, 16, 5, stride=2)   # 16x12x12, RF 5
         self.conv2 = _conv_bn_relu(16, 64, 3, stride=2)  # 64x5x5, RF 13
-        self.fc1 = nn.Linear(1600, 128)                   # 64*5*5 = 1600 -> 128
+        self.fc1 = nn.Sequential(nn.Linear(1600, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU(inplace=True))
         self.fc2 = nn.Linear(128, 10)                     # 10 digit classes
 
     def forward(self, x):
         x = self.conv2(self.conv1(x))
-        x = F.relu(self.fc1(x.flatten(1)), inplace=True)
-        return F.log_softmax(self.fc2(x), dim=1)
+        return F.log_softmax(self.fc2(self.fc1(x.flatten(1))), dim=1)
 
 
 def _conv_bn_relu(in_channels, out_channels, kernel_size, stride=1):
