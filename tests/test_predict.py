@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import predict
+from benchmarks.not_a_digit import photo_of  # the benchmark's photographed digits, read here too
 from conftest import run_main
 from machinery import UserError, runs
 from machinery.images import to_mnist
@@ -18,14 +19,6 @@ from utils import load_mnist, normalize
 
 def run_predict(capsys, *args):
     return run_main(capsys, *args, main=predict.main)
-
-
-def photo_of(digit, rng):
-    """A MNIST digit as a user's photo of it: dark ink on light paper, larger, off-centre, with sensor noise."""
-    enlarged = Image.fromarray(np.uint8(225 - 185 * (digit.numpy() / 255))).resize((84, 84), Image.BICUBIC)
-    canvas = Image.new("L", (200, 160), 225)
-    canvas.paste(enlarged, (int(rng.integers(0, 116)), int(rng.integers(0, 76))))
-    return Image.fromarray(np.uint8((np.asarray(canvas) + rng.normal(0, 3, (160, 200))).clip(0, 255))).convert("RGB")
 
 
 def test_mnist_digits_come_back_as_they_were(data_dir):
@@ -38,7 +31,7 @@ def test_photos_of_digits_read_as_the_model_reads_the_originals(data_dir, traine
     images, _ = load_mnist(data_dir, train=False)
     rng = np.random.default_rng(0)
     for i, image in enumerate(images[:100]):
-        photo_of(image, rng).save(tmp_path / f"digit{i:03d}.png")
+        photo_of(image, rng).convert("RGB").save(tmp_path / f"digit{i:03d}.png")  # as a phone saves it
     _, model, _ = load_model(os.path.join(trained, runs.FINAL_MODEL), torch.device("cpu"))
     with torch.inference_mode():
         own = model(normalize(images[:100].float().unsqueeze(1) / 255)).argmax(1).tolist()
@@ -53,7 +46,6 @@ def test_photos_of_digits_read_as_the_model_reads_the_originals(data_dir, traine
 
 def test_the_newest_finished_run_is_the_default_model(trained, tmp_path, capsys, monkeypatch):
     Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
-    monkeypatch.setattr(predict, "OUT_DIR", os.path.dirname(trained))
     monkeypatch.setattr(predict.newest_model, "__defaults__", (os.path.dirname(trained),))
     code, out, err = run_predict(capsys, tmp_path / "blank.png", "--out", tmp_path / "p.png")
     assert f"from {os.path.join(trained, runs.FINAL_MODEL)}" in out and "is blank" in err and code == 1
