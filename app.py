@@ -6,16 +6,18 @@ send), the model's answer as predict.py gives it, its likeliest three digits, an
 import io
 import json
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from machinery import UserError, runs
+from machinery import runs
 from machinery.evaluation import answer, read
 from machinery.images import open_image, to_mnist
 from machinery.settings import OneLineParser
 from predict import load_reader
-from utils import pick_device
+from utils import UserError, pick_device
 
 LARGEST_REQUEST = 10_000_000  # bytes: a drawing is a few KB, a phone's photo a few MB; larger is refused unread
+LARGEST_IMAGE = 16_000_000  # pixels, checked before decoding: a phone's 12-megapixel photo is read, 8000x8000 not
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Read a digit</title><style>
 body { font-family: sans-serif; margin: 2em; } canvas { border: 1px solid #888; touch-action: none; }
@@ -52,6 +54,9 @@ document.getElementById("file").onchange = e => { if (e.target.files[0]) send(e.
 
 def make_server(model, knows, device, port=7860):
     class Page(BaseHTTPRequestHandler):
+        timeout = 5  # seconds a connection may send nothing before it is closed: idle ones hold no thread
+        model_lock = threading.Lock()  # read() hooks the shared model per call: two requests at once mix features
+
         def reply(self, status, body, kind="application/json"):
             self.send_response(status)
             self.send_header("Content-Type", kind)
@@ -59,27 +64,42 @@ def make_server(model, knows, device, port=7860):
             self.end_headers()
             self.wfile.write(body)
 
+        def foreign(self):  # True, answered 403, for another site's page or one that reached here by its own name
+            host, port = self.headers.get("Host"), self.server.server_address[1]
+            if host in ("127.0.0.1", "localhost", f"127.0.0.1:{port}", f"localhost:{port}") and \
+                    self.headers.get("Origin") in (None, f"http://{host}"):
+                return False  # (evil.example rebound to 127.0.0.1 sends Host and Origin evil.example: DNS rebinding)
+            self.reply(403, b'{"error": "requests from other sites are refused"}')
+            return True
+
         def do_GET(self):
+            if self.foreign():
+                return
             if self.path == "/":
                 self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
             else:
                 self.reply(404, b'{"error": "no such page"}')
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
+            if self.foreign():
+                return
             if self.path != "/read":
                 return self.reply(404, b'{"error": "no such page"}')
-            if self.headers.get("Origin") not in (None, f"http://{self.headers.get('Host')}"):  # another site's page
-                return self.reply(403, b'{"error": "requests from other sites are refused"}')
-            if not 0 < length <= LARGEST_REQUEST:
+            length = self.headers.get("Content-Length") or "0"
+            if not (length.isdecimal() and len(length) < 20):  # not "abc", "-5", "1_0" nor 5,000 digits int() refuses
+                self.close_connection = True  # the body is never read
+                return self.reply(400, b'{"error": "Content-Length must be a number of bytes"}')
+            if not 0 < int(length) <= LARGEST_REQUEST:
                 self.close_connection = True  # the body is never read
                 refusal = {"error": f"send an image of 1 to {LARGEST_REQUEST:,} bytes"}
                 return self.reply(413, json.dumps(refusal).encode())
             try:
-                digit = to_mnist(open_image(io.BytesIO(self.rfile.read(length)), "The image sent"), "The drawing")
+                image = open_image(io.BytesIO(self.rfile.read(int(length))), "The image sent", LARGEST_IMAGE)
+                digit = to_mnist(image, "The drawing")
             except UserError as error:
                 return self.reply(200, json.dumps({"error": str(error)}).encode())
-            probabilities, distance = read(model, device, digit[None], knows)
+            with self.model_lock:
+                probabilities, distance = read(model, device, digit[None], knows)
             top = probabilities[0].topk(3)
             verdict = answer(probabilities[0], distance[0] if distance is not None else None, knows)
             top3 = [[int(d), float(p)] for p, d in zip(top.values, top.indices)]
@@ -88,7 +108,9 @@ def make_server(model, knows, device, port=7860):
         def log_message(self, *args):  # one line per request on stderr would drown the console
             pass
 
-    return ThreadingHTTPServer(("127.0.0.1", port), Page)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Page)
+    server.socket.listen(64)  # http.server queues 5: a burst waiting on the model lock would be reset
+    return server
 
 
 def main(argv=None):

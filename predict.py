@@ -11,28 +11,35 @@ import sys
 
 from PIL import Image
 
-from machinery import UserError, runs
+from machinery import runs
 from machinery.evaluation import answer, read
-from machinery.figures import FORMATS, plot_predictions
+from machinery.figures import plot_predictions
 from machinery.images import open_image, to_mnist
-from machinery.settings import OneLineParser
+from machinery.settings import OneLineParser, read_block
 from machinery.tools import load_model
-from main_mnist import OUT_DIR
-from utils import pick_device
+from utils import UserError, pick_device
 
 MAX_SHOWN = 20  # images drawn in predictions.png; only theirs are kept as small copies
 LARGEST_FILE = 200_000_000  # bytes of an image file; a phone's photo is a few MB
 UNCALIBRATED = {"temperature": 1.0, "threshold": 0.9}  # for a model.pt that no run of main_mnist.py finished
 
 
-def newest_model(parent=OUT_DIR):
-    """The model.pt of the newest finished run under `parent`."""
-    folders = sorted(os.listdir(parent), reverse=True) if os.path.isdir(parent) else []
-    for name in folders:
-        if os.path.isfile(os.path.join(parent, name, runs.FINAL_MODEL)):
-            return os.path.join(parent, name, runs.FINAL_MODEL)
-    raise UserError(f"no trained model in {parent}/: train one with `python3 main_mnist.py`, or name a model.pt "
-                    f"with --model PATH")
+def newest_model(parent=None):
+    """The model.pt of the newest finished run under `parent` (main_mnist.py's OUT_DIR) that is not a dry run."""
+    parent = parent or read_block()["OUT_DIR"]
+    found = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        path = os.path.join(parent, name, runs.FINAL_MODEL)
+        try:
+            record = runs.read_json(os.path.join(parent, name, runs.RECORD))
+            if record["status"] == "finished" and not record["settings"]["DRY_RUN"] and os.path.isfile(path):
+                found.append((os.path.getmtime(path), path))
+        except (UserError, OSError, KeyError, TypeError):  # another folder, or a record of older code
+            continue
+    if not found:
+        raise UserError(f"no finished run in {parent}/ (dry runs aside): train one with `python3 main_mnist.py`, or "
+                        f"name a model.pt with --model PATH")
+    return max(found)[1]
 
 
 def load_reader(path, device):
@@ -40,7 +47,7 @@ def load_reader(path, device):
     path = path or newest_model()
     name, model, knows = load_model(path, device)
     print(f"Model: {name} from {runs.printable(path)}")
-    if "bank" not in knows:
+    if not knows:
         print(f"Note: {runs.printable(path)} has no calibration of a finished run: \"not sure\" below "
               f"{100 * UNCALIBRATED['threshold']:.0f}% confidence, and no \"not a digit\"")
     return model, {**UNCALIBRATED, **knows}
@@ -66,8 +73,8 @@ def image_paths(names):
 
 def check_out(path, images):
     """--out may be a new file or a plain one of one's own, but never one of the images, nor a link or a device."""
-    if os.path.splitext(path)[1].lower() not in FORMATS:
-        raise UserError(f"--out {path}: end it in one of {', '.join(FORMATS)}")
+    if os.path.splitext(path)[1].lower() not in runs.FORMATS:
+        raise UserError(f"--out {path}: end it in one of {', '.join(runs.FORMATS)}")
     if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
         raise UserError(f"--out {path} is not a plain file: name a new one")
     if os.path.exists(path) and any(os.path.exists(i) and os.path.samefile(path, i) for i in images):
@@ -105,8 +112,9 @@ def main(argv=None):
                 image.thumbnail((256, 256))
                 shown.append((path, image.convert("RGBA"), digit, probabilities[0], verdict))
         if shown:
-            plot_predictions(*zip(*shown), args.out)
-            print(f"Saved: {args.out}" + (f" (the first {len(shown)} images)" if len(shown) < len(paths) else ""))
+            runs.save_figure(plot_predictions(*zip(*shown)), args.out)
+            print(f"Saved: {runs.printable(args.out)}" + (f" (the first {len(shown)} images)" if len(shown) < len(paths)
+                                                          else ""))
     return 1 if failed else 0
 
 

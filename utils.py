@@ -13,12 +13,17 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR, ReduceLROnPlateau
 from torchsummary import summary
 from torchvision import datasets
+from torchvision.datasets.utils import check_md5
 from tqdm import tqdm
 
 from augment import random_augment
-from machinery import UserError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of MNIST's training pixels in [0, 1]: the original's Normalize
+
+
+class UserError(Exception):
+    """A problem the person running a script can fix (a bad setting, a damaged file, no network): said in one line,
+    `error: ...`, with exit status 1."""
 
 
 def normalize(images):
@@ -31,8 +36,9 @@ def normalize(images):
 
 def load_mnist(data_dir, train, dataset="MNIST"):
     """(images uint8 [N, 28, 28], labels int64 [N]) of torchvision's `dataset` (MNIST, FashionMNIST, KMNIST), read
-    from data_dir/<dataset>/raw. Missing files are downloaded into a folder of this process's own and moved in
-    whole, so that two runs starting at once never read a half-written file."""
+    from data_dir/<dataset>/raw and checked: the count of images and labels, labels 0-9. Missing files are
+    downloaded into a folder of this process's own and moved in whole, so that two runs starting at once never read
+    a half-written file; a .gz already there that is not the original (its MD5) is named as damaged."""
     kind = getattr(datasets, dataset)
     raw = os.path.join(data_dir, dataset, "raw")
     names = [os.path.splitext(name)[0] for name, _ in kind.resources]
@@ -40,8 +46,11 @@ def load_mnist(data_dir, train, dataset="MNIST"):
         os.makedirs(raw, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=data_dir) as own:
             os.makedirs(os.path.join(own, dataset, "raw"))
-            for name, _ in kind.resources:  # the .gz files already there are unpacked, not downloaded again
+            for name, md5 in kind.resources:  # the .gz files already there are unpacked, not downloaded again
                 if os.path.isfile(os.path.join(raw, name)):
+                    if not check_md5(os.path.join(raw, name), md5):
+                        raise UserError(f"{os.path.join(raw, name)} is damaged (not the original file: its MD5 "
+                                        f"differs): delete it and run again to fetch it anew")
                     shutil.copy(os.path.join(raw, name), os.path.join(own, dataset, "raw", name))
             try:
                 kind(own, train=train, download=True)
@@ -57,7 +66,13 @@ def load_mnist(data_dir, train, dataset="MNIST"):
     except (RuntimeError, ValueError, AssertionError) as error:
         raise UserError(f"the {dataset} files in {raw}/ cannot be read ({error}): one is damaged; delete it and run "
                         f"again to fetch it anew") from None
-    return data.data, data.targets
+    images, labels = data.data, data.targets
+    if len(images) != (60_000 if train else 10_000) or len(labels) != len(images) or not 0 <= labels.min() <= \
+            labels.max() <= 9:
+        raise UserError(f"the {'training' if train else 'test'} files of {dataset} in {raw}/ are damaged: "
+                        f"{len(images):,} images, {len(labels):,} labels from {int(labels.min())} to "
+                        f"{int(labels.max())}; delete them and run again to fetch them anew")
+    return images, labels
 
 
 class MnistBatches:
@@ -112,18 +127,21 @@ def describe_data(train_images, test_images):
 # ---------------------------------------------------------------------------------------------------------------
 # Device and precision
 
-def pick_device():
-    """CUDA if there is a GPU, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+def pick_device(name="auto"):
+    """The device DEVICE names; "auto": CUDA if there is a GPU, else Apple's MPS, else the CPU."""
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(device for device, there in here.items() if there) if name == "auto" else name
+    if not here.get(name):
+        raise UserError(f"DEVICE {name}: there is no such device on this machine (try cpu, or auto for the best)")
+    return torch.device(name)
 
 
 def bfloat16_is_native(device):
-    """Whether the device computes in bfloat16 natively: a CUDA GPU that has it, a CPU with AVX512-BF16 or AMX.
-    Elsewhere bfloat16 is emulated, slower than float32, so a run keeps float32."""
+    """Whether the device computes in bfloat16 natively: a CUDA GPU from Ampere on (compute capability 8), a CPU
+    with AVX512-BF16 or AMX. Elsewhere (a T4, a plain CPU) it is emulated, slower than float32, so a run keeps
+    float32; torch.cuda.is_bf16_supported() says True for emulation too."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -208,12 +226,33 @@ def model_summary(model, input_size=(1, 28, 28)):
     summary(copy.deepcopy(model).float().cpu(), input_size, device="cpu")
 
 
-def data_visualization(loader, path, count=32):
-    """The first `count` images of a batch, as the model receives them (augmented, for training), with their
-    labels, saved at `path`. Drawn with the random state kept, so that a run trains the same with it or without."""
-    from machinery.figures import image_grid  # matplotlib: only when a picture is drawn
+def data_visualization(loader, count=32):
+    """A figure of the first `count` images of a batch, as the model receives them (augmented, for training), with
+    their labels. Drawn with the random state kept, so that a run trains the same with it or without."""
     with torch.random.fork_rng(devices=[loader.labels.device] if loader.labels.device.type == "cuda" else []):
         images, labels = next(iter(loader))
     images = images[:count, 0].float().cpu() * MNIST_STD + MNIST_MEAN
-    return image_grid(images, [str(label) for label in labels[:count].tolist()], path,
+    return image_grid(images, [str(label) for label in labels[:count].tolist()],
                       f"{len(images)} training images as the model receives them, with their labels")
+
+
+def image_grid(images, titles, title, columns=8, gap=12):
+    """A figure of images [N, H, W] in [0, 1], light on black, `columns` to a row under their titles, drawn as one
+    picture (an axes per image is ten times slower)."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # imported here: the page and predict.py start without it
+    images = images.float().cpu().numpy()
+    count, height, width = images.shape
+    rows = max(1, math.ceil(count / columns))
+    mosaic = np.full((rows * (height + gap) + gap, columns * (width + gap) - gap), np.nan, dtype=np.float32)
+    fig = Figure(figsize=(1.4 * columns, 1.6 * rows + 0.5))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    for index, (image, text) in enumerate(zip(images, titles)):
+        top, left = gap + (index // columns) * (height + gap), (index % columns) * (width + gap)
+        mosaic[top:top + height, left:left + width] = image
+        ax.text(left + width / 2, top - 1, text, ha="center", va="bottom", fontsize=10)
+    ax.imshow(mosaic, cmap=colormaps["gray"].with_extremes(bad="white"), vmin=0, vmax=1)
+    fig.suptitle(title, y=1.04)
+    return fig

@@ -205,7 +205,7 @@ def main():
             with tempfile.TemporaryDirectory() as folder:
                 train_images = load_mnist(args.data_dir, train=True)[0][:20000]
                 knows = report(model, torch.device("cpu"), train_images, (sets["MNIST test digits"][0] * 255).byte(),
-                               sets["MNIST test digits"][1], False, folder)[0]
+                               sets["MNIST test digits"][1], False, folder)[1]
         print(f"\n{name} from {path}\n\n| images | " + " | ".join(declined(model, knows, *sets["MNIST test digits"]))
               + " |\n|---|---|---|---|")
         for set_name, (images, labels) in sets.items():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from main_mnist import RECIPES
+from main_mnist import BLOCK, RECIPES
 from model import MODELS
 from utils import autocast, bfloat16_is_native, pick_device
 
@@ -74,7 +74,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
-        batch = RECIPES.get(name, RECIPES["Net"])["BATCH_SIZE"]
+        batch = {**BLOCK, **RECIPES.get(name, {})}["BATCH_SIZE"]
         flops, speed = step_speed(MODELS[name]().to(device), batch, device, amp, args.seconds)
         print(f"| {name} | {batch} | {flops / 1e6:.2f} | {speed:,.0f} | {flops * speed / 1e9:.1f} | "
               f"{100 * flops * speed / 1e9 / peak:.1f}% |", flush=True)

@@ -1,7 +1,3 @@
-"""What a learner need not open: the command line made from main_mnist.py's block, run folders and their records,
-the report at the end of a run, --compare, --find-lr, figures, and the image reading predict.py and app.py share."""
-
-
-class UserError(Exception):
-    """A problem the person running a script can fix (a bad setting, a damaged file, no network): said in one line,
-    `error: ...`, with exit status 1."""
+"""What a learner need not open: the settings made from main_mnist.py's block, run folders and their records, the
+report at the end of a run, --compare, --eval-only, --find-lr, figures, and the image reading predict.py and app.py
+share. It uses the core (utils.py, model.py, augment.py); the core never imports it."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from machinery import UserError
+from utils import UserError
 
 MAX_PIXELS = 65_000_000  # a phone's 64-megapixel photo is read whole; a small file can claim far more (a 714 KB
                          # PNG of 13,300 x 13,300 took 9 GB), so the header is checked before anything is decoded
@@ -17,15 +17,15 @@ INK_LEVEL = 0.25  # of the ink's range above the paper: fainter pixels are paper
 MIN_CONTRAST = 0.1  # the darkest ink stands at least this far (0-1) from the paper, or the image is blank
 
 
-def open_image(source, name):
+def open_image(source, name, max_pixels=MAX_PIXELS):
     """A PIL image from a path or a binary file, decoded whole and turned upright (a phone's EXIF note); UserError
-    naming it (`name`) if it is not an image, is damaged or has more than MAX_PIXELS pixels."""
+    naming it (`name`) if it is not an image, is damaged or has more than `max_pixels` pixels."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
-            if image.width * image.height > MAX_PIXELS:
-                raise UserError(f"{name} is {image.width}x{image.height} pixels, over {MAX_PIXELS / 1e6:g} megapixels: "
+            if image.width * image.height > max_pixels:
+                raise UserError(f"{name} is {image.width}x{image.height} pixels, over {max_pixels / 1e6:g} megapixels: "
                                 f"scale it down (the model reads 28x28)")
             image.load()
             return ImageOps.exif_transpose(image)

@@ -1,10 +1,11 @@
-"""A folder per run and what it holds, each file written whole: run.json from start to end, metrics.csv and
-checkpoint.pt after every epoch, model.pt at the end. And the one boundary where an error that the person running
-a script can cause (a bad setting, a damaged file, a full disk, Ctrl-C) becomes one line and an exit status.
-"""
+"""A folder per run, each file written whole: run.json, metrics.csv, the plot and checkpoint.pt after every epoch,
+calibration.pt and model.pt at the end. A run has an id (in run.json and every checkpoint) and one writer (its pid in
+run.json). And the one boundary where an error a person can cause (a bad setting, a damaged file, a full disk, a
+learner's edit that fails, Ctrl-C) becomes one line."""
 import contextlib
 import datetime
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -12,17 +13,23 @@ import os
 import platform
 import random
 import shlex
+import signal
 import stat
-import subprocess
 import sys
+import textwrap
+import traceback
+import uuid
 
 import torch
 
-from machinery import UserError
+from machinery.figures import plot_metrics
+from utils import UserError
 
-RECORD, METRICS, CHECKPOINT, FINAL_MODEL = "run.json", "metrics.csv", "checkpoint.pt", "model.pt"
+RECORD, METRICS, CHECKPOINT, FINAL_MODEL, CALIBRATION = "run.json", "metrics.csv", "checkpoint.pt", "model.pt", \
+    "calibration.pt"
 PLOT, SAMPLES = "accuracy_loss.png", "samples.png"
-METRIC_NAMES = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+CHECKPOINT_KEYS = ("id", "settings", "history", "lr_curve", "model", "optimizer", "scheduler", "random_state")
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}  # figures' file types
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LARGEST_RECORD = 10_000_000  # bytes: a run.json is a few KB, and a larger file is no record of ours
 
@@ -37,62 +44,68 @@ def first_line(error):
     return lines[0] if lines else type(error).__name__
 
 
+def in_project(path):
+    """Whether a file is the project's own (a learner's model.py, not torch's files in .venv)."""
+    relative = os.path.relpath(os.path.abspath(path), REPO)
+    return not relative.startswith(("..", ".venv")) and "site-packages" not in relative
+
+
+def stop(signum, frame):  # SIGTERM and SIGHUP end a run as Ctrl-C does, the exit status saying which
+    raise KeyboardInterrupt(signum)
+
+
 @contextlib.contextmanager
-def errors_in_one_line():
-    """Around a script's work: its errors that a person can fix, as one line on stderr and a non-zero exit."""
+def errors_in_one_line(show_traceback=False):
+    """Around a script's work: an error a person can fix is one line on stderr and a non-zero exit. An error
+    raised in the project's code (a layer that does not fit, a learner's typo) names the file and line it came
+    from, deepest first; `show_traceback` (--traceback) lets it through whole. SIGTERM and SIGHUP stop as Ctrl-C."""
+    handlers = {number: signal.signal(number, stop) for number in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
+                if number is not None}
     try:
         yield
     except UserError as error:
         sys.exit(f"error: {printable(error)}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         print("Stopped.", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (error.args[0] if error.args else signal.SIGINT))
     except torch.OutOfMemoryError:
         sys.exit("error: out of memory: lower BATCH_SIZE (--batch-size) or TEST_BATCH_SIZE")
     except OSError as error:  # a full disk, a folder one may not write in, a reader gone away (| head)
         where = f"{error.filename}: " if error.filename else ""
         sys.exit(f"error: {printable(where)}{error.strerror or first_line(error)}")
+    except Exception as error:
+        if show_traceback:
+            raise
+        frames = [frame for frame in traceback.extract_tb(error.__traceback__) if in_project(frame.filename)]
+        where = (f"{os.path.relpath(frames[-1].filename, REPO)}:{frames[-1].lineno} in {frames[-1].name}: "
+                 if frames else "")
+        sys.exit(f"error: {printable(where)}{type(error).__name__}: {printable(first_line(error))[:500]} "
+                 f"(--traceback shows the whole trace)")
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Folders and files
 
-_identity = {}  # folder -> (device, inode) when the run took it: a folder deleted and made again is another one
-
-
 def new_folder(parent, name):
-    """A new folder parent/<date>_<time>_<name>, made by this process alone (mkdir fails if it exists): -2, -3,
-    ... when runs start in the same second."""
+    """A new folder parent/<date>_<time>_<name>, made by this process alone (mkdir fails if it exists)."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     os.makedirs(parent, exist_ok=True)
     for count in itertools.count(1):
         folder = os.path.join(parent, f"{stamp}_{name}" + (f"-{count}" if count > 1 else ""))
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
-            return take_folder(folder)
-        except FileExistsError:
-            continue
-
-
-def take_folder(folder):
-    info = os.stat(folder)
-    _identity[folder] = (info.st_dev, info.st_ino)
-    return folder
+            return folder
 
 
 def write_file(folder, name, write):
     """folder/name made by write(binary file) in memory, then written to a file of its own and renamed over the
-    old one: readers, a crash and a full disk leave the old file or the whole new one, never a part. Only into
-    the folder the run took: if it was deleted (and made again), the run stops rather than write into another."""
+    old one: readers, a crash and a full disk leave the old file or the whole new one, never a part; a stop while
+    writing leaves no temporary file."""
     content = io.BytesIO()
     write(content)
-    try:
-        info = os.stat(folder)
-    except FileNotFoundError:
-        info = None
-    if folder in _identity and (info is None or (info.st_dev, info.st_ino) != _identity[folder]):
-        raise UserError(f"the run folder {folder} was deleted or replaced while the run wrote into it: stopped, "
-                        f"so as to write over nothing else")
     path = os.path.join(folder, name)
     temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
@@ -101,10 +114,11 @@ def write_file(folder, name, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(temporary)
-        error.filename = path
+        if isinstance(error, OSError):
+            error.filename = path
         raise
 
 
@@ -132,16 +146,16 @@ def read_json(path):
 
 
 def load(path, what="checkpoint", needs=()):
-    """A checkpoint.pt or model.pt read back as a dict (tensors and plain values only: nothing in it runs), with
-    the keys `needs` names."""
+    """A .pt file read back (tensors and plain values only: nothing in it runs), with the keys `needs` names."""
     try:
         saved = torch.load(io.BytesIO(read_bytes(path, 2 ** 31)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except Exception as error:  # torch says a damaged file in many ways
         raise UserError(f"{path} is damaged or no {what} ({first_line(error)[:200]})") from None
-    if not isinstance(saved, dict) or not all(key in saved for key in needs):
-        raise UserError(f"{path} is no {what} of this code (it holds {', '.join(map(str, saved))[:200]})")
+    missing = [key for key in needs if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise UserError(f"{path} is no {what} of this code (it lacks {', '.join(missing)})")
     return saved
 
 
@@ -149,32 +163,72 @@ def save_torch(folder, name, data):
     write_file(folder, name, lambda f: torch.save(data, f))
 
 
+def save_figure(fig, path):
+    folder, name = os.path.split(os.path.abspath(path))
+    kind = FORMATS.get(os.path.splitext(name)[1].lower(), "png")
+    write_file(folder, name, lambda f: fig.savefig(f, format=kind, dpi=100, bbox_inches="tight"))
+
+
+def row_text(row):
+    """An epoch's row for the console, every key it holds: losses to 4 decimals, accuracies in %, others to 3 digits."""
+    return " | ".join(f"{k} {v:.4f}" if k.endswith("loss") else f"{k} {v:.2f}%" if k.endswith("acc") else
+                      f"{k} {v:.3g}" for k, v in row.items() if k != "epoch")
+
+
+def csv_text(rows):
+    """Rows (dicts) as CSV, a column for every key any row has, in the order they first appear."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return "\n".join([",".join(keys)] + [",".join(str(row.get(key, "")) for key in keys) for row in rows]) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# run.json and metrics.csv
+# run.json: what the run built, and how it went
 
 def code_version():
-    """The commit the code is at, and a hash of what differs from it (None where nothing does); {} outside git."""
-    def git(*args):
-        try:
-            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, timeout=10)
-            return done.stdout if done.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {}
-    diff = git("diff", "HEAD") or b""
-    return {"commit": commit.decode().strip(), "changes": hashlib.sha256(diff).hexdigest()[:12] if diff else None}
+    """A hash of the project's code as it ran: its .py files as they are, so that two edited copies differ."""
+    digest = hashlib.sha256()
+    for folder in (REPO, os.path.join(REPO, "machinery")):
+        for name in sorted(name for name in os.listdir(folder) if name.endswith(".py")):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return {"files": digest.hexdigest()[:12]}
 
 
-def new_record(hp, model, device, amp, argv, mode="train"):
-    return {"mode": mode, "status": "running", "model": hp["MODEL"],
-            "parameters": sum(p.numel() for p in model.parameters()), "settings": hp,
+def structure(model, arguments):
+    """The model as built: its layers, the arguments it was given, its parameters, and a short fingerprint of them."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model's own
+    layers = [f"{name}: {module}" for name, module in model.named_modules() if not list(module.children())]
+    shapes = [f"{name} {list(p.shape)}" for name, p in model.state_dict().items()]
+    fingerprint = hashlib.sha256("\n".join(layers + shapes).encode()).hexdigest()[:10]
+    return {"class": type(model).__name__, "arguments": arguments, "layers": layers,
+            "parameters": sum(p.numel() for p in model.parameters()), "fingerprint": fingerprint}
+
+
+def source_of(function):
+    """The code of a function the run built and used (the loss), as it ran; a library's by its name."""
+    try:
+        if not in_project(inspect.getsourcefile(function)):
+            raise TypeError
+        return textwrap.dedent(inspect.getsource(function)).strip()
+    except (TypeError, OSError):
+        return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', function)}"
+
+
+def new_record(hp, model, device, amp, argv, mode="train", **built):
+    return {"id": uuid.uuid4().hex[:12], "mode": mode, "status": "running", "pid": os.getpid(), "model": hp["MODEL"],
+            "structure": structure(model, built.pop("arguments", {})), "settings": hp, **built,
             "command": shlex.join(["python3", "main_mnist.py", *argv]), "code": code_version(),
             "torch": torch.__version__, "python": platform.python_version(), "device": device_name(device),
-            "precision": "bfloat16 autocast" if amp else "float32",
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "epochs_done": 0, "final_test_acc": None, "best_test_acc": None, "best_epoch": None, "seconds": 0.0}
+            "precision": "bfloat16 autocast" if amp else "float32", "compiled": hasattr(model, "_orig_mod"),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **summary([], [])}
+
+
+def summary(history, lr_curve):
+    """What run.json says of the epochs done: their rows, the lr curve, the final and best test accuracy."""
+    best = max(history, key=lambda row: row["test_acc"], default={})
+    return {"history": history, "lr_curve": lr_curve, "epochs_done": len(history), "final_test_acc":
+            history[-1]["test_acc"] if history else None, "best_test_acc": best.get("test_acc"),
+            "best_epoch": best.get("epoch"), "seconds": sum(row["seconds"] for row in history)}
 
 
 def device_name(device):
@@ -189,36 +243,72 @@ def save_record(folder, record):
     write_file(folder, RECORD, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
-def save_epoch(folder, record, history, checkpoint):
-    """What each epoch leaves: checkpoint.pt first (the truth a resumed run goes on from), then metrics.csv, the
-    plot and run.json, which only report it."""
-    from machinery.figures import plot_metrics
+def alive(pid):
+    """Whether a process of this number runs (ours to signal or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, TypeError, OverflowError):  # PermissionError: another user's; TypeError: no number
+        return isinstance(pid, int)
+    return True
+
+
+def resume_folder(path, checkpoint, hp):
+    """The folder a resumed run goes on in: its checkpoint's, if its run.json is the same run's and unfinished, else
+    None (a new folder). UserError while another process writes that run, or if a finished run has nothing to do."""
+    if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != checkpoint["settings"].get("EPOCHS"):
+        raise UserError("a one-cycle run's length is set when it starts: resume it without --epochs, or start a new run")
+    folder, done = os.path.dirname(os.path.abspath(path)), len(checkpoint["history"])
+    try:
+        record = read_json(os.path.join(folder, RECORD))
+    except UserError:
+        record = {}
+    if record.get("id") != checkpoint["id"]:
+        print(f"Note: {printable(folder)} holds no record of this checkpoint's run: it goes on in a new folder")
+        return None
+    if record.get("status") == "running" and record.get("pid") != os.getpid() and alive(record.get("pid")):
+        raise UserError(f"{folder} is being written by process {record['pid']}: wait for it to end, or stop it "
+                        f"(Ctrl-C, kill {record['pid']}) and resume then")
+    if record.get("status") != "finished":
+        for name in os.listdir(folder):  # what a killed writer (kill -9, power off) left half-written
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
+        return folder
+    if done >= hp["EPOCHS"]:
+        raise UserError(f"{path}: its run is finished ({done} of {done} epochs); " + (
+            "a one-cycle run's length is set when it starts: start a new run to train longer"
+            if hp["SCHEDULE"] == "onecycle" else f"--epochs N, N over {done}, trains it further in a new folder"))
+    print(f"Note: the run of {printable(path)} is finished: its {hp['EPOCHS'] - done} more epochs go into a new folder")
+    return None
+
+
+def save_epoch(folder, record, checkpoint):
+    """Each epoch's files: checkpoint.pt first (what --resume goes on from), then what reports it."""
     save_torch(folder, CHECKPOINT, checkpoint)
-    lines = [",".join(METRIC_NAMES)] + [",".join(str(row[key]) for key in METRIC_NAMES) for row in history]
-    write_file(folder, METRICS, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-    plot_metrics(history, folder, f"{record['model']}: {os.path.basename(folder)}")
-    best = max(history, key=lambda row: row["test_acc"])
-    record.update(epochs_done=len(history), final_test_acc=history[-1]["test_acc"], best_test_acc=best["test_acc"],
-                  best_epoch=best["epoch"], seconds=sum(row["seconds"] for row in history))
+    history = checkpoint["history"]
+    write_file(folder, METRICS, lambda f: f.write(csv_text(history).encode()))
+    save_figure(plot_metrics(history, checkpoint["lr_curve"], f"{record['model']}: {os.path.basename(folder)}"),
+                os.path.join(folder, PLOT))
+    record.update(summary(history, checkpoint["lr_curve"]))
     save_record(folder, record)
 
 
 @contextlib.contextmanager
 def recorded(folder, record):
-    """Around a run's work: run.json says "finished" at the end, or "stopped" or "failed" with the error, and the
-    console says how to go on from the last checkpoint."""
+    """Around a run's work: run.json "finished" once all is written, else "stopped" or "failed", and how to go on."""
     try:
         yield
     except BaseException as error:
         record.update(status="stopped" if isinstance(error, KeyboardInterrupt) else "failed",
                       error=f"{type(error).__name__}: {first_line(error)}")
-        with contextlib.suppress(Exception):  # the disk may be full: the error itself says so
+        with contextlib.suppress(Exception):  # the disk may be full, the folder gone: the error itself says so
             save_record(folder, record)
         if os.path.exists(os.path.join(folder, CHECKPOINT)):
             print(f"Go on from the last epoch saved: python3 main_mnist.py --resume "
-                  f"{shlex.quote(os.path.join(folder, CHECKPOINT))}", file=sys.stderr)
+                  f"{shlex.quote(printable(os.path.join(folder, CHECKPOINT)))}", file=sys.stderr)
         raise
-    record["status"] = "finished"
+    record.update(status="finished", error=None)
     save_record(folder, record)
 
 

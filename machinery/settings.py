@@ -1,22 +1,44 @@
-"""The command line made from main_mnist.py's block: a flag for every setting, its help from the comment that
-explains it there, and one check of every value, wherever it comes from (the block, a flag, a checkpoint)."""
+"""The settings of a run, made in one place from main_mnist.py's block, the recipe of its model, the flags and (for
+a resumed run) the checkpoint: a flag for every setting with its help from the comment beside it, one check of
+every value wherever it comes from, and where each value came from."""
 import argparse
+import ast
+import inspect
 import math
+import os
 import re
 import sys
 import textwrap
 
-from machinery import UserError
+from machinery.runs import printable
 from model import MODELS
+from utils import UserError
 
-DATASETS = ("MNIST", "FashionMNIST", "KMNIST")  # torchvision's sets of 28x28 grey images in ten classes
-RESUMABLE = ("EPOCHS", "DATA_DIR")  # what a resumed run may change: it goes on as it began, but may go further
+CHOICES = {"MODEL": MODELS, "DATASET": ("MNIST", "FashionMNIST", "KMNIST"),
+           "DEVICE": ("auto", "cpu", "cuda", "mps")}
+RESUMABLE = ("EPOCHS", "DATA_DIR", "DEVICE")  # what a resumed run may change: it goes on as it began
 BOUNDS = {  # name: (lowest, highest) of a number; NaN is never within them
     "EPOCHS": (1, 10_000), "BATCH_SIZE": (1, 60_000), "TEST_BATCH_SIZE": (1, 10_000), "LR": (1e-12, 10),
     "MOMENTUM": (0, 0.999), "WEIGHT_DECAY": (0, 10), "STEP_SIZE": (1, 10_000), "GAMMA": (1e-12, 1),
     "ROTATION": (0, 180), "CROP_P": (0, 1), "CROP_SIZE": (1, 28), "SHIFT": (0, 27), "LABEL_SMOOTHING": (0, 0.999),
     "SEED": (0, 2 ** 63 - 1),
 }
+MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main_mnist.py")
+
+
+class Settings(dict):
+    """A run's settings: a dict that remembers the names read from it, so that a setting nothing read is said."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read = set()
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,36 +49,34 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def setting_help(source):
-    """{NAME: its comment} from main_mnist.py's text: `NAME = value  # comment` and `#   NAME   comment` lines."""
-    pattern = r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.+)$|^#\s+([A-Z][A-Z0-9_]*)\s{2,}(.+)$"
-    return {m[1] or m[3]: (m[2] or m[4]).strip() for m in re.finditer(pattern, source, re.MULTILINE)}
+    """{NAME: its comment} from the `NAME = value  # comment` lines of main_mnist.py's text."""
+    return {m[1]: m[2].strip() for m in re.finditer(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.+)$", source, re.MULTILINE)}
 
 
-def defaults(block, recipes):
-    """Every setting with its value in the block or in Net's recipe, which give each setting's type."""
-    return {**block, **recipes["Net"]}
+def read_block(path=MAIN):
+    """The plain values of main_mnist.py's block, read from its text: for the scripts that do not import it."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    return {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant) for target in node.targets if isinstance(target, ast.Name)}
 
 
 def flag(name):
     return "--" + name.lower().replace("_", "-")
 
 
-def number(text):
-    """A number flag's value: whole where the text is one, else a float (--crop-p 0 and --crop-p 0.3 both work)."""
-    return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else float(text)
-
-
 def parse_args(argv, block, recipes, source):
-    """The command line of main_mnist.py: a flag per setting of the block and the recipes, and the modes."""
+    """The command line of main_mnist.py: a flag per setting of the block, and the modes."""
     helps = setting_help(source)
     parser = OneLineParser(description="Train a digit classifier on MNIST. Each flag overrides a setting of "
                                        "main_mnist.py's block, or of the recipe of the model trained.")
-    for name, value in defaults(block, recipes).items():
+    for name, value in block.items():
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(
-            type=number if isinstance(value, (int, float)) else str, metavar=name)
+            type=float if isinstance(value, (int, float)) else str, metavar=name)
+        in_recipes = "".join(f"; {model}: {recipe[name]}" for model, recipe in recipes.items() if name in recipe)
         parser.add_argument(flag(name), dest=name, default=argparse.SUPPRESS,
-                            help=f"{helps.get(name, '')} (default: {value})", **kind)
-    parser.add_argument("--dry-run", action="store_true", help="one batch of training and one of test an epoch")
+                            help=f"{helps.get(name, '')} (default: {value}{in_recipes})", **kind)
+    parser.add_argument("--traceback", action="store_true", help="an error's whole traceback, not its one line")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--resume", metavar="CHECKPOINT", help="go on with a stopped run from its checkpoint.pt")
     modes.add_argument("--eval-only", metavar="MODEL_PT", help="score a saved model.pt on the test set, robustness "
@@ -66,56 +86,88 @@ def parse_args(argv, block, recipes, source):
                                                                        "(default: every run in OUT_DIR)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.given = {name: getattr(args, name) for name in defaults(block, recipes) if hasattr(args, name)}
+    args.given = {name: getattr(args, name) for name in block if hasattr(args, name)}
     return args
 
 
-def resolve(args, block, recipes):
-    """The settings of a new run: the block, then the recipe of its MODEL over Net's (which gives what a recipe
-    leaves out, and all of a model that has none), then the flags; each value checked."""
-    model = args.given.get("MODEL", block["MODEL"])
-    hp = {**block, **recipes["Net"], **recipes.get(model, {}), **args.given}
-    check(hp, defaults(block, recipes), "")
-    return hp
+def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
+    """(settings, the source of each, notes) of a run: the block, the recipe of its MODEL over it, then the flags;
+    for a resumed run, the settings saved in its checkpoint over the block and recipe, and only RESUMABLE ones
+    changed by flags. Each value checked; a value the recipe overrides, or one edited in the block or recipe since
+    the checkpoint, is said."""
+    for model, recipe in recipes.items():
+        if set(recipe) - set(block):
+            raise UserError(f"RECIPES[{model!r}] in main_mnist.py sets {', '.join(sorted(set(recipe) - set(block)))},"
+                            f" which the block above it does not have: add it there first")
+    saved = dict(checkpoint["settings"]) if checkpoint else {}
+    model = (saved or given).get("MODEL", block["MODEL"])
+    recipe = recipes.get(model, {})
+    hp, sources = {}, {}
+    for source, values in (("block", block), ("recipe", recipe), ("checkpoint", saved), ("flag", given)):
+        hp.update(values)
+        sources.update(dict.fromkeys(values, source))
+    overridden = [f"{name}={block[name]!r}" for name in recipe if recipe[name] != block[name]]
+    notes = [f"{model}'s recipe overrides the block's {', '.join(overridden)}: edit RECIPES[{model!r}] in "
+             f"main_mnist.py to change them"] if overridden and not saved else []
+    if saved:
+        fixed = [flag(name) for name, value in given.items() if name not in RESUMABLE and value != saved.get(name)]
+        if fixed:
+            raise UserError(f"a resumed run goes on with its own settings; only {', '.join(map(flag, RESUMABLE))} may "
+                            f"change, not {', '.join(fixed)}")
+        now, was = {**block, **recipe}, checkpoint.get("sources") or {}
+        edited = [name for name in now if was.get(name) in ("block", "recipe") and saved[name] != now[name]
+                  and name not in given]
+        if edited:
+            notes.append(f"edited since {where}: {', '.join(f'{n}={now[n]!r}' for n in edited)}; the run goes on "
+                         f"with its own {', '.join(f'{n}={saved[n]!r}' for n in edited)}")
+    return Settings(check(hp, block, f" in {where}" if saved else "")), sources, notes
 
 
-def check(hp, reference, where):
-    """UserError for the first setting of another type than its value in `reference` has (a float takes a whole
-    number too), or out of its bounds. `where` names the settings' source in the message."""
+def check(hp, block, where):
+    """The settings with each value checked against the block's value of that name: the same kind (a number
+    setting takes a whole or a decimal number alike; one whose values are all whole takes whole ones only),
+    within BOUNDS and CHOICES. UserError naming the first that is not, and `where` it came from."""
+    checked = {}
     for name, value in hp.items():
-        expected = type(reference.get(name, value))
-        if not (type(value) is expected or expected is float and type(value) is int):
-            raise UserError(f"{name}{where} must be {expected.__name__}, like {reference[name]!r}, not {value!r}")
+        reference = block.get(name, value)
+        if isinstance(reference, bool) or not isinstance(reference, (int, float)):
+            if type(value) is not type(reference):
+                raise UserError(f"{name}{where} must be {type(reference).__name__}, like {reference!r}, not {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name}{where} must be a number, like {reference!r}, not {value!r}")
+        elif isinstance(reference, int) and math.isfinite(value):
+            if value != int(value):
+                raise UserError(f"{name} ({flag(name)}){where} must be a whole number, like {reference!r}, not "
+                                f"{value!r}")
+            value = int(value)
         low, high = BOUNDS.get(name, (-math.inf, math.inf))
-        if isinstance(value, (int, float)) and not low <= value <= high:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
             raise UserError(f"{name} ({flag(name)}){where} must be from {low:g} to {high:g}, not {value!r}")
-    for name, choices in (("MODEL", MODELS), ("DATASET", DATASETS)):
-        if hp.get(name) not in choices:
-            raise UserError(f"{name}{where} must be one of {', '.join(choices)}, not {hp.get(name)!r}")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise UserError(f"{name}{where} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+        checked[name] = value
+    return checked
 
 
-def resumed(args, checkpoint, block, recipes):
-    """The settings of the run a checkpoint was saved by, with only the RESUMABLE ones changed by flags."""
-    if not isinstance(checkpoint["settings"], dict):
-        raise UserError(f"{args.resume} is damaged: its settings are no mapping")
-    model = checkpoint["settings"].get("MODEL")
-    hp = {**block, **recipes["Net"], **recipes.get(model, {}), **checkpoint["settings"], **args.given}
-    fixed = [flag(name) for name, value in args.given.items()
-             if name not in RESUMABLE and value != checkpoint["settings"].get(name)]
-    if fixed:
-        raise UserError(f"a resumed run goes on with its own settings; only {', '.join(map(flag, RESUMABLE))} may "
-                        f"change, not {', '.join(fixed)}")
-    check(hp, defaults(block, recipes), f" in {args.resume}")
-    if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != checkpoint["settings"]["EPOCHS"]:
-        raise UserError("a one-cycle run's length is set when it starts: resume it without --epochs")
-    return hp
+def model_arguments(model_class, hp):
+    """The settings whose names are arguments of the model's constructor, by those names: DROPOUT -> dropout."""
+    names = inspect.signature(model_class).parameters
+    return {name: hp[name.upper()] for name in names if name.upper() in hp}
 
 
-def print_settings(hp, given, recipes, resumed_from=None):
-    """The settings a run uses, a few to a line, [flag] marking those from the command line."""
-    source = (f"those of {resumed_from}" if resumed_from else "the block of main_mnist.py and "
-              + (f"{hp['MODEL']}'s recipe" if hp["MODEL"] in recipes else f"Net's recipe ({hp['MODEL']} has none)"))
-    items = [f"{name}={value}" + (" [flag]" if name in given else "") for name, value in hp.items()]
-    print(f"Settings ({source}; [flag]: from the command line):")
-    print(textwrap.fill(" ".join(items), width=118, initial_indent="  ", subsequent_indent="  ",
-                        break_on_hyphens=False, break_long_words=False))
+def print_settings(hp, sources, notes):
+    """The settings a run uses, a few to a line, each marked with where it came from unless the block."""
+    items = [printable(f"{name}={value}") + (f" [{sources[name]}]" if sources[name] != "block" else "")
+             for name, value in hp.items()]
+    marks = {"flag": "the command line", "recipe": f"{hp['MODEL']}'s recipe", "checkpoint": "the checkpoint resumed"}
+    print("Settings (" + "".join(f"[{mark}]: from {text}; " for mark, text in marks.items() if mark in sources.values())
+          + "the others: the block of main_mnist.py):")
+    line = " "
+    for item in items:  # a line as full as it goes, never splitting a value from its mark
+        if len(line) + len(item) >= 118:
+            print(line)
+            line = " "
+        line += " " + item
+    print(line)
+    for note in notes:
+        print(textwrap.fill(printable(f"Note: {note}"), width=118, subsequent_indent="  ", break_on_hyphens=False))

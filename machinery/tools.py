@@ -1,98 +1,139 @@
-"""The modes of main_mnist.py that train nothing for keeps: --compare, --eval-only and --find-lr."""
+"""The modes of main_mnist.py that train nothing for keeps (--compare, --eval-only, --find-lr), and the one place a
+saved model is read back, for them, predict.py and the page."""
 import copy
-import csv
 import math
 import os
 
 import torch
 
-from machinery import UserError, runs
-from machinery.evaluation import FAMILIES, report, robustness_curves
+from machinery import runs
+from machinery.evaluation import FAMILIES, outputs, report, robustness_curves
 from machinery.figures import plot_comparison, plot_lr_finder, plot_robustness
 from model import MODELS
-from utils import autocast, get_testloader, get_trainloader, test
+from utils import UserError, autocast, get_testloader, get_trainloader
 
 ROBUSTNESS_IMAGES = 2000  # test images per point of a robustness curve: a standard error under 1 point
+NOT_COMPARED = ("epoch", "lr", "seconds")  # keys of an epoch's row that the table leaves out
 
 
 def compare(folders, out_dir):
-    """A table of runs (default: every folder in out_dir with a run.json) and comparison.png of their test
-    accuracy. A run whose files are damaged gets a line that says so; the others are compared."""
+    """A table of runs (default: every folder in out_dir with a run.json): each run's last epoch, every key its
+    rows hold, and the settings, model structure and code where the runs differ; comparison.png of their test
+    accuracy, dry runs only if there is nothing else. A run whose record is damaged gets a line that says so."""
     if not folders:
         folders = sorted(os.path.join(out_dir, name) for name in os.listdir(out_dir)) if os.path.isdir(out_dir) else []
         folders = [f for f in folders if os.path.lexists(os.path.join(f, runs.RECORD))]
     if not folders:
         raise UserError(f"no runs to compare in {out_dir}/: train one with `python3 main_mnist.py`")
-    rows, curves = [], []
+    table, damaged = [], []  # (row, what the run was made of, history) per readable run
     for folder in folders:
         try:
             record = runs.read_json(os.path.join(folder, runs.RECORD))
-            text = runs.read_bytes(os.path.join(folder, runs.METRICS)).decode()
-            history = [{key: float(value) for key, value in row.items()} for row in csv.DictReader(text.splitlines())]
-            hp = record["settings"]
-            code = record["code"].get("commit", "?")[:7] + ("+" if record["code"].get("changes") else "")
-            rows.append([os.path.basename(folder), record["model"], record["status"], f"{record['epochs_done']}/"
-                         f"{hp['EPOCHS']}", f"{history[-1]['test_acc']:.2f}",
-                         f"{max(r['test_acc'] for r in history):.2f}",
-                         f"{record['seconds']:.0f}", f"{hp['BATCH_SIZE']}", f"{hp['LR']:g}", hp["SCHEDULE"], code])
-            curves.append((os.path.basename(folder), history))
-        except (UserError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
-                OverflowError) as error:  # a record edited by hand can break any field
+            history, hp = record["history"], record["settings"]
+            status = record["status"] if record["status"] != "running" or runs.alive(record["pid"]) else "killed"
+            row = {"run": os.path.basename(folder), "model": record["model"], "status": status + (
+                " (dry run)" if hp.get("DRY_RUN") else ""), "epochs": f"{len(history)}/{hp['EPOCHS']}", "best test_acc":
+                max((r["test_acc"] for r in history), default=""), "seconds": round(sum(r["seconds"] for r in history)),
+                **{k: v for k, v in (history[-1] if history else {}).items() if k not in NOT_COMPARED}}
+            table.append((row, {**hp, "structure": record["structure"]["fingerprint"], "code": record["code"]["files"]},
+                          history))
+        except Exception as error:  # a record edited by hand can break any field
             reason = runs.first_line(error) if isinstance(error, UserError) else f"{type(error).__name__} {error}"
-            rows.append([os.path.basename(folder), f"damaged or unreadable: {reason[:100]}"])
-    header = ["run", "model", "status", "epochs", "final %", "best %", "seconds", "batch", "lr", "schedule", "code"]
-    widths = [max(len(str(row[i])) for row in [header] + rows if len(row) > 2) for i in range(len(header))]
-    for row in [header] + rows:
-        print("  ".join(runs.printable(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+            damaged.append(f"{os.path.basename(folder)}  damaged or unreadable: {reason[:100]}")
+    for name in dict.fromkeys(key for _, made, _ in table for key in made):  # the settings, structure, code that differ
+        if len({repr(made.get(name)) for _, made, _ in table}) > 1:
+            for row, made, _ in table:
+                row[name] = made.get(name, "")
+    columns = list(dict.fromkeys(key for row, _, _ in table for key in row))
+    cells = [columns] + [[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+                         for row, _, _ in table]
+    widths = [max(len(runs.printable(line[i])) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(runs.printable(value).ljust(width) for value, width in zip(line, widths)).rstrip())
+    for line in damaged:
+        print(runs.printable(line))
+    real = [(row["run"], history) for row, made, history in table if history and not made.get("DRY_RUN")]
+    curves = real or [(row["run"], history) for row, _, history in table if history]
     if curves:
         os.makedirs(out_dir, exist_ok=True)
-        plot_comparison(curves, os.path.join(out_dir, "comparison.png"))
-        print(f"Saved: {os.path.join(out_dir, 'comparison.png')}")
+        runs.save_figure(plot_comparison(curves), os.path.join(out_dir, "comparison.png"))
+        print(f"Saved: {runs.printable(os.path.join(out_dir, 'comparison.png'))}" + (
+            "" if real else " (dry runs only)"))
 
 
 def load_model(path, device):
-    """(name, model in eval mode, what model.pt knows) of a model.pt, checkpoint.pt or bare state_dict, tried on
-    each model of model.py; UserError if none fits or a weight is not a number."""
+    """(name, model in eval mode, what it knows to answer with, {} if nothing) of a model.pt (its run.json and
+    calibration.pt beside it say which model and how it answers), a checkpoint.pt or a bare state_dict of any model
+    in model.py. Checked once, here: every tensor a number, the calibration's values in range and its bank of the
+    shapes the model gives; else UserError naming what is damaged."""
     saved = runs.load(path, "model")
-    state = saved.get("state_dict", saved.get("model", saved))
-    names = [saved["model_name"]] if saved.get("model_name") in MODELS else list(MODELS)
-    for name in names:
-        model = MODELS[name]()
+    state = saved.get("model", saved) if isinstance(saved, dict) else saved
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        record = runs.read_json(os.path.join(folder, runs.RECORD))
+        name, arguments = record["model"], record["structure"]["arguments"]
+    except (UserError, KeyError, TypeError):
+        name, arguments = None, {}
+    for name in [name] if name in MODELS else list(MODELS):
         try:
+            model = MODELS[name](**arguments)
             model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError):
+            break
+        except (RuntimeError, TypeError, AttributeError, ValueError):
             continue
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise UserError(f"{path}: its weights are not all numbers (NaN or infinite): the run that saved it failed")
-        knows = {key: saved[key] for key in ("temperature", "threshold", "limits", "bank") if key in saved}
-        return name, model.to(device).eval(), knows
-    raise UserError(f"{path} holds the weights of no model in model.py ({', '.join(MODELS)})")
+    else:
+        raise UserError(f"{path} holds the weights of no model in model.py ({', '.join(MODELS)})")
+    damaged = [key for key, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if damaged:
+        raise UserError(f"{path}: {damaged[0]} is not all numbers (NaN or infinite): the run that saved it failed, or "
+                        f"the file is damaged")
+    model = model.to(device).eval()
+    calibration = os.path.join(folder, runs.CALIBRATION)
+    if os.path.basename(path) != runs.FINAL_MODEL or not os.path.exists(calibration):
+        return name, model, {}
+    knows = runs.load(calibration, "calibration", needs=("temperature", "threshold", "limits", "bank"))
+    _, features = outputs(model, device, torch.zeros(1, 28, 28))
+    t, threshold, limits, bank = (knows[key] for key in ("temperature", "threshold", "limits", "bank"))
+    problems = [what for what, bad in [
+        ("its temperature is no positive number", not isinstance(t, (int, float)) or not 0 < t < math.inf),
+        ("its threshold is not within 0 to 1", not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1),
+        ("its limits are not one number per layer", not isinstance(limits, list) or len(limits) != len(features)
+         or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in limits)),
+        ("its bank does not fit the model's features", not isinstance(bank, list) or len(bank) != len(features) or
+         not all(torch.is_tensor(b) and b.shape[1:] == f.shape[1:] and torch.isfinite(b).all()
+                 for b, f in zip(bank, features)))] if bad]
+    if problems:
+        raise UserError(f"{calibration} is damaged: {problems[0]}; resume the run's checkpoint.pt to make it again")
+    return name, model, knows
 
 
-def evaluate_only(args, device, hp):
+def evaluate_only(path, device, hp, argv):
     """Scores a model.pt on the test set into a new folder of its own: the end-of-run report, and robustness
     curves (robustness.csv, robustness.png)."""
-    name, model, _ = load_model(args.eval_only, device)
+    name, model, _ = load_model(path, device)
     hp["MODEL"] = name
-    test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, 1 if args.dry_run else None,
-                                 hp["DATASET"])
+    test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, dataset=hp["DATASET"])
     train_images = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, dataset=hp["DATASET"]).images
     folder = runs.new_folder(hp["OUT_DIR"], f"{name}_eval")
-    print(f"Evaluating {name} from {args.eval_only}; its files go to {folder}")
-    record = runs.new_record(hp, model, device, False, args.argv, mode="eval-only")
+    print(f"Evaluating {name} from {runs.printable(path)}; its files go to {runs.printable(folder)}")
+    record = runs.new_record(hp, model, device, False, argv, mode="eval-only", evaluated=os.path.abspath(path))
+    count = 2000 if hp["DRY_RUN"] else len(test_loader.labels)  # a dry run scores a fifth of the test set
     with runs.recorded(folder, record):
-        _, record["final_test_acc"] = test(model, device, test_loader)
-        labels = test_loader.labels.cpu()
-        _, record["calibration"] = report(model, device, train_images, test_loader.images, labels, False, folder)
-        count = 100 if args.dry_run else ROBUSTNESS_IMAGES
+        runs.save_record(folder, record)
+        labels = test_loader.labels[:count].cpu()
+        record["calibration"], _ = report(model, device, train_images[:2 * count], test_loader.images[:count], labels,
+                                          False, folder)
+        record["final_test_acc"] = record["calibration"]["test_acc"]
+        count = 100 if hp["DRY_RUN"] else ROBUSTNESS_IMAGES
         curves = robustness_curves(model, device, test_loader.images[:count], labels[:count])
-        lines = ["family,strength,accuracy"] + [f"{f},{s},{a:.2f}" for f, points in curves.items() for s, a in points]
-        runs.write_file(folder, "robustness.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
-        plot_robustness({name: curves}, os.path.join(folder, "robustness.png"))
+        rows = [dict(family=f, strength=s, accuracy=round(a, 2)) for f, points in curves.items() for s, a in points]
+        runs.write_file(folder, "robustness.csv", lambda f: f.write(runs.csv_text(rows).encode()))
+        runs.save_figure(plot_robustness({name: curves}), os.path.join(folder, "robustness.png"))
         shifted = [a for family, points in curves.items() for s, a in points if s != FAMILIES[family][1][0]]
         record["robustness_mean"] = sum(shifted) / len(shifted)
-        print(f"Robustness: {record['robustness_mean']:.1f}% accuracy under shifts (mean of {len(shifted)} points "
-              f"on {count:,} test digits); each curve in robustness.csv and robustness.png")
+        print(f"Test accuracy {record['final_test_acc']:.2f}%. Robustness: {record['robustness_mean']:.1f}% accuracy "
+              f"under shifts (mean of {len(shifted)} points on {count:,} test digits); each curve in robustness.csv "
+              f"and robustness.png")
 
 
 def find_lr(model, optimizer, loader, criterion, device, hp, steps=100, low=1e-7, high=10):
@@ -127,6 +168,6 @@ def find_lr(model, optimizer, loader, criterion, device, hp, steps=100, low=1e-7
     optimizer.load_state_dict(saved[1])
     suggestion = lrs[losses.index(min(losses))] / 10
     folder = runs.new_folder(hp["OUT_DIR"], f"{hp['MODEL']}_find-lr")
-    plot_lr_finder(lrs, losses, suggestion, os.path.join(folder, "lr_finder.png"))
+    runs.save_figure(plot_lr_finder(lrs, losses, suggestion), os.path.join(folder, "lr_finder.png"))
     print(f"Suggested lr: {suggestion:.3g} (a tenth of where the smoothed loss was lowest); try --lr {suggestion:.2g}"
-          f"\nSaved: {os.path.join(folder, 'lr_finder.png')}")
+          f"\nSaved: {runs.printable(os.path.join(folder, 'lr_finder.png'))}")

@@ -11,10 +11,10 @@ from PIL import Image, ImageDraw
 import predict
 from benchmarks.not_a_digit import photo_of  # the benchmark's photographed digits, read here too
 from conftest import run_main
-from machinery import UserError, runs
+from machinery import runs
 from machinery.images import to_mnist
 from machinery.tools import load_model
-from utils import load_mnist, normalize
+from utils import UserError, load_mnist, normalize
 
 
 def run_predict(capsys, *args):
@@ -89,12 +89,12 @@ def test_out_never_replaces_an_image_read_nor_a_folder(trained, tmp_path, capsys
 
 
 def test_a_model_with_weights_that_are_not_numbers_is_one_line(trained, tmp_path, capsys):
-    saved = torch.load(os.path.join(trained, runs.FINAL_MODEL), weights_only=True)
-    saved["state_dict"]["fc2.bias"][0] = float("nan")
-    torch.save(saved, tmp_path / "model.pt")
+    weights = torch.load(os.path.join(trained, runs.FINAL_MODEL), weights_only=True)
+    weights["fc2.bias"][0] = float("nan")
+    torch.save(weights, tmp_path / "model.pt")
     Image.new("L", (60, 60), 255).save(tmp_path / "x.png")
     code, out, err = run_predict(capsys, tmp_path / "x.png", "--model", tmp_path / "model.pt")
-    assert code == 1 and "weights are not all numbers" in err
+    assert code == 1 and "fc2.bias is not all numbers" in err
 
 
 def test_a_folder_without_images_says_so(tmp_path, trained, capsys):
@@ -111,6 +111,7 @@ def test_only_the_images_drawn_are_kept_in_memory(trained, tmp_path, capsys, mon
     drawn = []
     monkeypatch.setattr(predict, "MAX_SHOWN", 2)
     monkeypatch.setattr(predict, "plot_predictions", lambda *args: drawn.append(args))
+    monkeypatch.setattr(runs, "save_figure", lambda figure, path: None)
     code, out, err = run_predict(capsys, tmp_path, "--model", os.path.join(trained, runs.FINAL_MODEL))
     assert code == 0 and len(out.strip().splitlines()) == 1 + 5 + 1 and len(drawn[0][0]) == 2
 
