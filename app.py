@@ -73,12 +73,9 @@ def make_server(model, knows, device, port=7860):
             return True
 
         def do_GET(self):
-            if self.foreign():
-                return
-            if self.path == "/":
-                self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
-            else:
-                self.reply(404, b'{"error": "no such page"}')
+            if not self.foreign():
+                self.reply(*((200, PAGE.encode(), "text/html; charset=utf-8") if self.path == "/" else
+                             (404, b'{"error": "no such page"}')))
 
         def do_POST(self):
             if self.foreign():
@@ -86,15 +83,13 @@ def make_server(model, knows, device, port=7860):
             if self.path != "/read":
                 return self.reply(404, b'{"error": "no such page"}')
             length = self.headers.get("Content-Length") or "0"
-            if not (length.isdecimal() and len(length) < 20):  # not "abc", "-5", "1_0" nor 5,000 digits int() refuses
+            size = int(length) if length.isdecimal() and len(length) < 20 else -1  # not "abc", "-5", nor 5,000 digits
+            if not 0 < size <= LARGEST_REQUEST:
                 self.close_connection = True  # the body is never read
-                return self.reply(400, b'{"error": "Content-Length must be a number of bytes"}')
-            if not 0 < int(length) <= LARGEST_REQUEST:
-                self.close_connection = True  # the body is never read
-                refusal = {"error": f"send an image of 1 to {LARGEST_REQUEST:,} bytes"}
-                return self.reply(413, json.dumps(refusal).encode())
+                refusal = {"error": f"send an image of 1 to {LARGEST_REQUEST:,} bytes, its Content-Length a number"}
+                return self.reply(413 if size >= 0 else 400, json.dumps(refusal).encode())
             try:
-                image = open_image(io.BytesIO(self.rfile.read(int(length))), "The image sent", LARGEST_IMAGE)
+                image = open_image(io.BytesIO(self.rfile.read(size)), "The image sent", LARGEST_IMAGE)
                 digit = to_mnist(image, "The drawing")
             except UserError as error:
                 return self.reply(200, json.dumps({"error": str(error)}).encode())

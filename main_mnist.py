@@ -16,7 +16,7 @@ import torch.optim as optim
 from machinery import runs, settings
 from model import MODELS
 from utils import (UserError, bfloat16_is_native, data_visualization, describe_data, get_testloader,
-                   get_trainloader, model_summary, pick_device, step_epoch_schedule, test, train)
+                   get_trainloader, memory_format, model_summary, pick_device, step_epoch_schedule, test, train)
 
 # ---- Settings. Edit them here, or override any for one run with its flag (see --help). ----
 MODEL = "Net"            # the model of model.py to train; its recipe in RECIPES below changes some settings
@@ -112,7 +112,8 @@ def train_run(args):
     # Model, loss, optimizer and schedule, seeded so that the same seed gives the same run
     torch.manual_seed(hp["SEED"])
     random.seed(hp["SEED"])
-    model = build_model(hp).to(device)
+    model = build_model(hp)
+    model = model.to(device, memory_format=memory_format(model))
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, len(train_loader))
     criterion = loss_function(model, hp)

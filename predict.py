@@ -5,6 +5,8 @@ image, the digit read, or "not sure", or "not a digit", with the likeliest three
 with what the model saw and its probabilities into predictions.png. The model is by default the model.pt of the
 newest finished run in OUT_DIR.
 """
+import contextlib
+import glob
 import io
 import os
 import sys
@@ -26,16 +28,12 @@ UNCALIBRATED = {"temperature": 1.0, "threshold": 0.9}  # for a model.pt that no 
 
 def newest_model(parent=None):
     """The model.pt of the newest finished run under `parent` (main_mnist.py's OUT_DIR) that is not a dry run."""
-    parent = parent or read_block()["OUT_DIR"]
-    found = []
-    for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        path = os.path.join(parent, name, runs.FINAL_MODEL)
-        try:
-            record = runs.read_json(os.path.join(parent, name, runs.RECORD))
-            if record["status"] == "finished" and not record["settings"]["DRY_RUN"] and os.path.isfile(path):
+    parent, found = parent or read_block()["OUT_DIR"], []
+    for path in glob.glob(os.path.join(glob.escape(parent), "*", runs.FINAL_MODEL)):
+        with contextlib.suppress(UserError, OSError, KeyError, TypeError):  # a record of older code, or damaged
+            record = runs.read_json(os.path.join(os.path.dirname(path), runs.RECORD))
+            if record["status"] == "finished" and not record["settings"]["DRY_RUN"]:
                 found.append((os.path.getmtime(path), path))
-        except (UserError, OSError, KeyError, TypeError):  # another folder, or a record of older code
-            continue
     if not found:
         raise UserError(f"no finished run in {parent}/ (dry runs aside): train one with `python3 main_mnist.py`, or "
                         f"name a model.pt with --model PATH")

@@ -6,14 +6,13 @@ import copy
 import math
 import os
 import shutil
+import struct
 import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR, ReduceLROnPlateau
 from torchsummary import summary
-from torchvision import datasets
-from torchvision.datasets.utils import check_md5
 from tqdm import tqdm
 
 from augment import random_augment
@@ -34,15 +33,30 @@ def normalize(images):
 # ---------------------------------------------------------------------------------------------------------------
 # Data: decoded once into uint8 tensors on the device, then batched, augmented and normalized there.
 
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path):
+    """The uint8 array an unpacked MNIST file holds: a big-endian header (0, 0, 8 for uint8, the count of sizes, the
+    sizes), then the values; ValueError if the file is not whole."""
+    with open(path, "rb") as f:
+        data = f.read()
+    sizes = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]]) if len(data) >= 4 + 4 * data[3] else ()
+    if data[:3] != b"\0\0\x08" or not sizes or len(data) != 4 + 4 * len(sizes) + math.prod(sizes):
+        raise ValueError(f"{path} is not a whole MNIST file")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * len(sizes)).view(sizes)
+
+
 def load_mnist(data_dir, train, dataset="MNIST"):
     """(images uint8 [N, 28, 28], labels int64 [N]) of torchvision's `dataset` (MNIST, FashionMNIST, KMNIST), read
     from data_dir/<dataset>/raw and checked: the count of images and labels, labels 0-9. Missing files are
     downloaded into a folder of this process's own and moved in whole, so that two runs starting at once never read
     a half-written file; a .gz already there that is not the original (its MD5) is named as damaged."""
-    kind = getattr(datasets, dataset)
     raw = os.path.join(data_dir, dataset, "raw")
-    names = [os.path.splitext(name)[0] for name, _ in kind.resources]
-    if not all(os.path.isfile(os.path.join(raw, name)) for name in names):
+    if not all(os.path.isfile(os.path.join(raw, name)) for name in FILES):
+        from torchvision import datasets  # only to download: reading the files needs none of it (2 s of import)
+        from torchvision.datasets.utils import check_md5
+        kind = getattr(datasets, dataset)
         os.makedirs(raw, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=data_dir) as own:
             os.makedirs(os.path.join(own, dataset, "raw"))
@@ -58,15 +72,15 @@ def load_mnist(data_dir, train, dataset="MNIST"):
                 files = ", ".join(name for name, _ in kind.resources)
                 raise UserError(f"{dataset} is not in {raw}/ and could not be downloaded "
                                 f"({str(error).strip().splitlines()[-1]}): put {files} there and run again") from None
-            for name in names:
+            for name in FILES:
                 if not os.path.exists(os.path.join(raw, name)):
                     os.replace(os.path.join(own, dataset, "raw", name), os.path.join(raw, name))
     try:
-        data = kind(data_dir, train=train)
-    except (RuntimeError, ValueError, AssertionError) as error:
+        images, labels = (read_idx(os.path.join(raw, name)) for name in FILES[0 if train else 2:][:2])
+    except (ValueError, struct.error) as error:
         raise UserError(f"the {dataset} files in {raw}/ cannot be read ({error}): one is damaged; delete it and run "
                         f"again to fetch it anew") from None
-    images, labels = data.data, data.targets
+    labels = labels.long()
     if len(images) != (60_000 if train else 10_000) or len(labels) != len(images) or not 0 <= labels.min() <= \
             labels.max() <= 9:
         raise UserError(f"the {'training' if train else 'test'} files of {dataset} in {raw}/ are damaged: "
@@ -143,6 +157,14 @@ def bfloat16_is_native(device):
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def memory_format(model):
+    """channels_last for a model with wide convolutions (32 channels or more), contiguous for thin ones: a training
+    step of Net ran 1.2-1.3x faster in it on 2 AVX2 cores, FastNet's 1.3x, CompactNet's (18 channels at most) 8-25%
+    slower."""
+    wide = any(isinstance(m, torch.nn.Conv2d) and m.out_channels >= 32 for m in model.modules())
+    return torch.channels_last if wide else torch.contiguous_format
 
 
 def autocast(device, amp):

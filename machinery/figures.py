@@ -7,7 +7,7 @@ from matplotlib.figure import Figure
 
 from utils import image_grid
 
-NOT_PLOTTED = ("epoch", "lr", "seconds")  # a history row's keys that are no curve of their own
+NOT_PLOTTED = ("epoch", "lr", "seconds")  # a history row's keys that are no curve of their own (nor compared)
 
 
 def plot_metrics(history, lr_curve, title):
@@ -19,7 +19,7 @@ def plot_metrics(history, lr_curve, title):
     panels.update({key: [key] for key in keys if not key.endswith(("_loss", "_acc"))})
     panels = {name: group for name, group in panels.items() if group}
     columns = min(3, len(panels) + 1)
-    fig = Figure(figsize=(5.5 * columns, 4.5 * math.ceil((len(panels) + 1) / columns)))
+    fig = Figure(figsize=(5.5 * columns, 4.5 * math.ceil((len(panels) + 1) / columns)), layout="constrained")
     axes = list(fig.subplots(math.ceil((len(panels) + 1) / columns), columns, squeeze=False).flat)
     for ax, (name, group) in zip(axes, panels.items()):
         for key in group:
@@ -36,8 +36,8 @@ def plot_metrics(history, lr_curve, title):
     for ax in axes[len(panels) + 1:]:
         ax.axis("off")
     best = max(history, key=lambda row: row["test_acc"])
-    fig.suptitle(f"{title}\ntest accuracy: final {history[-1]['test_acc']:.2f}%, best {best['test_acc']:.2f}% "
-                 f"(epoch {best['epoch']}, chosen on the test set)")
+    fig.suptitle(f"{title}\ntest accuracy: final {history[-1]['test_acc']:.2f}%, best "
+                 f"{best['test_acc']:.2f}% (epoch {best['epoch']}, chosen on the test set)")
     return fig
 
 

@@ -258,7 +258,7 @@ def resume_folder(path, checkpoint, hp):
     """The folder a resumed run goes on in: its checkpoint's, if its run.json is the same run's and unfinished, else
     None (a new folder). UserError while another process writes that run, or if a finished run has nothing to do."""
     if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != checkpoint["settings"].get("EPOCHS"):
-        raise UserError("a one-cycle run's length is set when it starts: resume it without --epochs, or start a new run")
+        raise UserError("a one-cycle run's length is set when it starts: resume it without --epochs, or start anew")
     folder, done = os.path.dirname(os.path.abspath(path)), len(checkpoint["history"])
     try:
         record = read_json(os.path.join(folder, RECORD))

@@ -130,18 +130,17 @@ def check(hp, block, where):
     checked = {}
     for name, value in hp.items():
         reference = block.get(name, value)
-        if isinstance(reference, bool) or not isinstance(reference, (int, float)):
-            if type(value) is not type(reference):
-                raise UserError(f"{name}{where} must be {type(reference).__name__}, like {reference!r}, not {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{name}{where} must be a number, like {reference!r}, not {value!r}")
-        elif isinstance(reference, int) and math.isfinite(value):
+        number = type(reference) in (int, float)
+        if (type(value) in (int, float)) != number or not number and type(value) is not type(reference):
+            kind = "a number" if number else type(reference).__name__
+            raise UserError(f"{name}{where} must be {kind}, like {reference!r}, not {value!r}")
+        if type(reference) is int and math.isfinite(value):
             if value != int(value):
                 raise UserError(f"{name} ({flag(name)}){where} must be a whole number, like {reference!r}, not "
                                 f"{value!r}")
             value = int(value)
         low, high = BOUNDS.get(name, (-math.inf, math.inf))
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+        if number and not low <= value <= high:
             raise UserError(f"{name} ({flag(name)}){where} must be from {low:g} to {high:g}, not {value!r}")
         if name in CHOICES and value not in CHOICES[name]:
             raise UserError(f"{name}{where} must be one of {', '.join(CHOICES[name])}, not {value!r}")

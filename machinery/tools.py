@@ -1,5 +1,6 @@
 """The modes of main_mnist.py that train nothing for keeps (--compare, --eval-only, --find-lr), and the one place a
 saved model is read back, for them, predict.py and the page."""
+import contextlib
 import copy
 import math
 import os
@@ -8,12 +9,11 @@ import torch
 
 from machinery import runs
 from machinery.evaluation import FAMILIES, outputs, report, robustness_curves
-from machinery.figures import plot_comparison, plot_lr_finder, plot_robustness
+from machinery.figures import NOT_PLOTTED, plot_comparison, plot_lr_finder, plot_robustness
 from model import MODELS
 from utils import UserError, autocast, get_testloader, get_trainloader
 
 ROBUSTNESS_IMAGES = 2000  # test images per point of a robustness curve: a standard error under 1 point
-NOT_COMPARED = ("epoch", "lr", "seconds")  # keys of an epoch's row that the table leaves out
 
 
 def compare(folders, out_dir):
@@ -34,7 +34,7 @@ def compare(folders, out_dir):
             row = {"run": os.path.basename(folder), "model": record["model"], "status": status + (
                 " (dry run)" if hp.get("DRY_RUN") else ""), "epochs": f"{len(history)}/{hp['EPOCHS']}", "best test_acc":
                 max((r["test_acc"] for r in history), default=""), "seconds": round(sum(r["seconds"] for r in history)),
-                **{k: v for k, v in (history[-1] if history else {}).items() if k not in NOT_COMPARED}}
+                **{k: v for k, v in (history[-1] if history else {}).items() if k not in NOT_PLOTTED}}
             table.append((row, {**hp, "structure": record["structure"]["fingerprint"], "code": record["code"]["files"]},
                           history))
         except Exception as error:  # a record edited by hand can break any field
@@ -69,11 +69,10 @@ def load_model(path, device):
     saved = runs.load(path, "model")
     state = saved.get("model", saved) if isinstance(saved, dict) else saved
     folder = os.path.dirname(os.path.abspath(path))
-    try:
+    name, arguments = None, {}
+    with contextlib.suppress(UserError, KeyError, TypeError):  # no run.json beside it: every model is tried
         record = runs.read_json(os.path.join(folder, runs.RECORD))
         name, arguments = record["model"], record["structure"]["arguments"]
-    except (UserError, KeyError, TypeError):
-        name, arguments = None, {}
     for name in [name] if name in MODELS else list(MODELS):
         try:
             model = MODELS[name](**arguments)
