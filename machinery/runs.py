@@ -244,7 +244,10 @@ def save_record(folder, record):
 
 
 def alive(pid):
-    """Whether a process of this number runs (ours to signal or another user's)."""
+    """Whether a process of this number runs (ours to signal or another user's); on Windows, where os.kill(pid, 0)
+    would end it, no process is taken as running."""
+    if os.name == "nt":
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
