@@ -85,8 +85,8 @@ def plot_reliability(before, after, temperature):
             ax.annotate(f"{n}", (confidence, accuracy), fontsize=7, xytext=(4, -10), textcoords="offset points")
         ax.set(xlabel="confidence", ylabel="accuracy", title=f"test digits, {name} (count per bin)",
                xlim=(0, 1.02), ylim=(0, 1.02))
-    fig.suptitle(f"Calibration, scored out of sample (each half of the test set at the temperature fitted on the "
-                 f"other); model.pt keeps T = {temperature:.2f}, fitted on all")
+    fig.suptitle(f"Calibration scored out of sample: each half of the test set at the temperature fitted on the "
+                 f"other\n(calibration.pt keeps T = {temperature:.2f}, fitted on all of it)")
     return fig
 
 
