@@ -76,7 +76,7 @@ def plot_confusion(matrix):
 def plot_reliability(before, after, temperature):
     """Reliability diagrams side by side: rows of (mean confidence, accuracy, count) per confidence bin, as trained
     and temperature-scaled, each half of the test digits at the temperature the other half gave."""
-    fig = Figure(figsize=(12, 5.5))
+    fig = Figure(figsize=(12, 5.5), layout="constrained")
     for ax, (rows, name) in zip(fig.subplots(1, 2), [(before, "as trained"), (after, "temperature-scaled")]):
         rows = [row for row in rows if row is not None]
         ax.plot([0, 1], [0, 1], color="gray", linestyle=":")
