@@ -81,5 +81,6 @@ def _conv_bn_relu(in_channels, out_channels, kernel_size, stride=1):
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-# The models main_mnist.py, predict.py and app.py can build, by the name --model takes and model.pt records.
-MODELS = {"Net": Net, "CompactNet": CompactNet, "FastNet": FastNet}
+# The models main_mnist.py, predict.py and app.py can build, by the name --model takes and run.json records.
+# FastNet12 is FastNet's network under a recipe of its own (main_mnist.py's RECIPES).
+MODELS = {"Net": Net, "CompactNet": CompactNet, "FastNet": FastNet, "FastNet12": FastNet}
