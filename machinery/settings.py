@@ -125,7 +125,7 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
 
 def check(hp, block, where):
     """The settings with each value checked against the block's value of that name: the same kind (a number
-    setting takes a whole or a decimal number alike; one whose values are all whole takes whole ones only),
+    setting takes a whole or a decimal number alike; one whose value in the block is whole takes whole ones only),
     within BOUNDS and CHOICES. UserError naming the first that is not, and `where` it came from."""
     checked = {}
     for name, value in hp.items():
