@@ -115,6 +115,8 @@ def train_run(args):
     torch.manual_seed(hp["SEED"])
     random.seed(hp["SEED"])
     model = build_model(hp)
+    arguments = {name: value for name, value in settings.model_arguments(MODELS[hp["MODEL"]], dict(hp)).items()
+                 if name.upper() in hp.read}  # those build_model read: what the model was given
     model = model.to(device, memory_format=memory_format(model))
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, len(train_loader))
@@ -131,7 +133,7 @@ def train_run(args):
     print(f"Optimizer: {type(optimizer).__name__}({group}); schedule: {type(scheduler).__name__}")
     record = runs.new_record(hp, model, device, amp, args.argv, optimizer={"class": type(optimizer).__name__, **group},
                              schedule=type(scheduler).__name__, loss=runs.source_of(criterion), test_loss="F.nll_loss",
-                             arguments=settings.model_arguments(MODELS[hp["MODEL"]], hp))
+                             arguments=arguments)
     history, lr_curve = [], []
     if checkpoint:
         model.load_state_dict(checkpoint["model"])

@@ -41,8 +41,9 @@ def read_idx(path):
     sizes), then the values; ValueError if the file is not whole."""
     with open(path, "rb") as f:
         data = f.read()
-    sizes = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]]) if len(data) >= 4 + 4 * data[3] else ()
-    if data[:3] != b"\0\0\x08" or not sizes or len(data) != 4 + 4 * len(sizes) + math.prod(sizes):
+    header = 4 + 4 * data[3] if len(data) > 3 and data[:3] == b"\0\0\x08" else 0
+    sizes = struct.unpack(f">{data[3]}I", data[4:header]) if 4 < header <= len(data) else ()
+    if not sizes or len(data) != header + math.prod(sizes):
         raise ValueError(f"{path} is not a whole MNIST file")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * len(sizes)).view(sizes)
 
@@ -77,7 +78,7 @@ def load_mnist(data_dir, train, dataset="MNIST"):
                     os.replace(os.path.join(own, dataset, "raw", name), os.path.join(raw, name))
     try:
         images, labels = (read_idx(os.path.join(raw, name)) for name in FILES[0 if train else 2:][:2])
-    except (ValueError, struct.error) as error:
+    except ValueError as error:
         raise UserError(f"the {dataset} files in {raw}/ cannot be read ({error}): one is damaged; delete it and run "
                         f"again to fetch it anew") from None
     labels = labels.long()

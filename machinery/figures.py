@@ -19,8 +19,9 @@ def plot_metrics(history, lr_curve, title):
     panels.update({key: [key] for key in keys if not key.endswith(("_loss", "_acc"))})
     panels = {name: group for name, group in panels.items() if group}
     columns = min(3, len(panels) + 1)
-    fig = Figure(figsize=(5.5 * columns, 4.5 * math.ceil((len(panels) + 1) / columns)), layout="constrained")
-    axes = list(fig.subplots(math.ceil((len(panels) + 1) / columns), columns, squeeze=False).flat)
+    rows = math.ceil((len(panels) + 1) / columns)  # the panels and the learning rate's
+    fig = Figure(figsize=(5.5 * columns, 4.5 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, columns, squeeze=False).flat)
     for ax, (name, group) in zip(axes, panels.items()):
         for key in group:
             rows = [row for row in history if isinstance(row.get(key), (int, float))]

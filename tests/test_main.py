@@ -287,6 +287,11 @@ def test_a_setting_named_as_a_model_argument_reaches_it_and_one_nothing_reads_is
     assert code == 0 and built[0].drop.p == 0.25 and record["structure"]["arguments"] == {"dropout": 0.25}, err
     assert "UNREAD" in record["unused_settings"] and "DROPOUT" not in record["unused_settings"]
     assert re.search(r"Settings nothing read in this run: .*UNREAD", out)
+    monkeypatch.setattr(main_mnist, "build_model", lambda hp: WithDropout())  # an edit that passes no argument
+    assert run_main(capsys, "--model", "WithDropout", "--dry-run", "--epochs", 1, "--data-dir", data_dir, "--out-dir",
+                    tmp_path / "ignored")[0] == 0
+    record = runs.read_json(os.path.join(only_run(tmp_path / "ignored"), runs.RECORD))
+    assert record["structure"]["arguments"] == {} and "DROPOUT" in record["unused_settings"]
 
 
 def test_numbers_take_whole_or_decimal_values_and_a_recipe_s_override_of_the_block_is_named(monkeypatch):
