@@ -72,15 +72,19 @@ def test_a_second_writer_is_refused_and_a_dead_one_does_not_block(capsys, data_d
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(data_dir, tmp_path, signum):
-    command = [sys.executable, os.path.join(REPO, "main_mnist.py"), "--model", "FastNet", "--dry-run", "--epochs",
-               "500", "--schedule", "step", "--data-dir", data_dir, "--out-dir", tmp_path]
+    command = [sys.executable, "-X", "faulthandler", os.path.join(REPO, "main_mnist.py"), "--model", "FastNet",
+               "--dry-run", "--epochs", "500", "--schedule", "step", "--data-dir", data_dir, "--out-dir", tmp_path]
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as run:
         deadline = time.time() + 120
         while time.time() < deadline and not any(os.path.exists(os.path.join(tmp_path, name, runs.CHECKPOINT))
                                                   for name in os.listdir(tmp_path)):
             time.sleep(0.2)
         run.send_signal(signum)
-        err = run.communicate(timeout=60)[1]
+        try:
+            err = run.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:  # where it hangs, from faulthandler's dump of every thread
+            run.send_signal(signal.SIGABRT)
+            pytest.fail(f"the run did not end within 60 s of the signal:\n{run.communicate()[1][-4000:]}")
     folder = only_run(tmp_path)
     assert run.returncode == 128 + signum and "Go on from the last epoch saved" in err
     assert runs.read_json(os.path.join(folder, runs.RECORD))["status"] == "stopped"
