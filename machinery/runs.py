@@ -166,7 +166,8 @@ def save_torch(folder, name, data):
 def save_figure(fig, path):
     folder, name = os.path.split(os.path.abspath(path))
     kind = FORMATS.get(os.path.splitext(name)[1].lower(), "png")
-    write_file(folder, name, lambda f: fig.savefig(f, format=kind, dpi=100, bbox_inches="tight"))
+    tight = None if fig.get_layout_engine() else "tight"  # a constrained layout fits already; "tight" draws it twice
+    write_file(folder, name, lambda f: fig.savefig(f, format=kind, dpi=100, bbox_inches=tight))
 
 
 def row_text(row):

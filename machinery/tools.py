@@ -90,17 +90,19 @@ def load_model(path, device):
     calibration = os.path.join(folder, runs.CALIBRATION)
     if os.path.basename(path) != runs.FINAL_MODEL or not os.path.exists(calibration):
         return name, model, {}
-    knows = runs.load(calibration, "calibration", needs=("temperature", "threshold", "limits", "bank"))
+    knows = runs.load(calibration, "calibration", needs=("temperature", "threshold", "limits", "bank", "bases"))
     _, features = outputs(model, device, torch.zeros(1, 28, 28))
-    t, threshold, limits, bank = (knows[key] for key in ("temperature", "threshold", "limits", "bank"))
+    t, threshold, limits, bank, bases = (knows[key] for key in ("temperature", "threshold", "limits", "bank", "bases"))
     problems = [what for what, bad in [
         ("its temperature is no positive number", not isinstance(t, (int, float)) or not 0 < t < math.inf),
         ("its threshold is not within 0 to 1", not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1),
         ("its limits are not one number per layer", not isinstance(limits, list) or len(limits) != len(features)
          or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in limits)),
-        ("its bank does not fit the model's features", not isinstance(bank, list) or len(bank) != len(features) or
-         not all(torch.is_tensor(b) and b.shape[1:] == f.shape[1:] and torch.isfinite(b).all()
-                 for b, f in zip(bank, features)))] if bad]
+        ("its bank does not fit the model's features", not isinstance(bank, list) or not isinstance(bases, list) or
+         not len(bank) == len(bases) == len(features) or not all(
+             torch.is_tensor(b) and torch.isfinite(b).all() and (basis is None and b.shape[1:] == f.shape[1:] or
+             torch.is_tensor(basis) and basis.shape == (f.shape[1], b.shape[1]) and torch.isfinite(basis).all())
+             for b, basis, f in zip(bank, bases, features)))] if bad]
     if problems:
         raise UserError(f"{calibration} is damaged: {problems[0]}; resume the run's checkpoint.pt to make it again")
     return name, model, knows

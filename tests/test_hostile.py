@@ -99,6 +99,7 @@ def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(data_dir, tmp_path, signum
     (lambda w, c: c.pop("bank"), "it lacks bank"),
     (lambda w, c: c["bank"][0].fill_(float("nan")), "bank does not fit"),
     (lambda w, c: c.update(bank=[b[:, :3] for b in c["bank"]]), "bank does not fit"),
+    (lambda w, c: c.update(bases=[None for _ in c["bases"]]), "bank does not fit"),
     (lambda w, c: c.update(limits="far"), "limits are not one number per layer")])
 def test_a_damaged_model_pt_or_calibration_is_one_line_wherever_it_is_read(capsys, data_dir, trained, tmp_path, damage,
                                                                            words):
