@@ -96,7 +96,6 @@ def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(data_dir, tmp_path, signum
     (lambda w, c: c.update(temperature=float("nan")), "temperature is no positive number"),
     (lambda w, c: c.update(temperature=-1.0), "temperature is no positive number"),
     (lambda w, c: c.update(threshold=1.5), "threshold is not within 0 to 1"),
-    (lambda w, c: c.pop("bank"), "it lacks bank"),
     (lambda w, c: c["bank"][0].fill_(float("nan")), "bank does not fit"),
     (lambda w, c: c.update(bank=[b[:, :3] for b in c["bank"]]), "bank does not fit"),
     (lambda w, c: c.update(bases=[None for _ in c["bases"]]), "bank does not fit"),
@@ -114,6 +113,17 @@ def test_a_damaged_model_pt_or_calibration_is_one_line_wherever_it_is_read(capsy
     assert code == 1 and words in err and len(err.strip().splitlines()) == 1
     with pytest.raises(Exception, match=words.replace("(", r"\(")):
         load_model(os.path.join(folder, runs.FINAL_MODEL), torch.device("cpu"))
+
+
+def test_a_calibration_of_older_code_is_a_note_and_the_digits_are_still_read(capsys, trained, tmp_path):
+    folder = shutil.copytree(trained, tmp_path / "run")
+    calibration = torch.load(os.path.join(folder, runs.CALIBRATION), weights_only=True)
+    calibration.pop("bases")  # as the code before 2026-12-07 saved it
+    torch.save(calibration, os.path.join(folder, runs.CALIBRATION))
+    name, model, knows = load_model(os.path.join(folder, runs.FINAL_MODEL), torch.device("cpu"))
+    assert knows == {} and "lacks bases" in capsys.readouterr().err
+    assert predict.main([os.path.join(folder, runs.SAMPLES), "--model", os.path.join(folder, runs.FINAL_MODEL),
+                         "--out", str(tmp_path / "p.png")]) == 0
 
 
 def test_the_default_model_is_the_newest_finished_run_that_is_no_dry_run(capsys, data_dir, trained, tmp_path):
