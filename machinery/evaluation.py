@@ -169,7 +169,8 @@ def report(model, device, train_images, test_images, test_labels, amp, folder):
     print(f"Calibration (each half of the test digits scored at what the other half fitted): expected calibration "
           f"error {100 * ece_before:.2f}% as trained, {100 * ece_after:.2f}% at the fitted temperature (saved: "
           f"{temperature:.2f}); \"not sure\" below {100 * threshold:.1f}% confidence. Declined (\"not sure\" or \"not "
-          f"a digit\"): {100 * float(declined.double().mean()):.2f}% of every {SCORED_EVERY}th test digit; "
+          f"a digit\"): {100 * float(declined.double().mean()):.2f}% of {len(declined):,} test digits (every "
+          f"{SCORED_EVERY}th); "
           f"{100 * int(wrong.sum()) / max(1, int((~declined).sum())):.2f}% of the others read wrongly")
     knows = {"temperature": temperature, "threshold": threshold, "limits": limits.tolist(),
              "bank": [b.half() for b in bank], "bases": bases}
