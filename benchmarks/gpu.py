@@ -1,7 +1,7 @@
 """The GPU check: FastNet's run, a CompactNet epoch and a Net epoch, each in float32 and in bfloat16, timed on this
 machine's GPU; a seed's accuracy compared between the two; a table for README.
 
-    python3 -m benchmarks.gpu [--device cuda] [--seed 1] [--data-dir data] [--models FastNet CompactNet Net]
+    python3 -m benchmarks.gpu [--device cuda] [--seed 1] [--data-dir data] [--models FastNet CompactNet Net] [-- FLAGS]
 
 Each cell is one `python3 main_mnist.py --model M --epochs 1 --seed S --device D --no-amp` (or `--amp`) in a
 temporary folder, read back from its run.json: the seconds of training and test, the whole command's seconds,
@@ -23,7 +23,7 @@ NOISE = 0.3  # points of test accuracy between float32 and bfloat16 runs of one 
 def run(model, amp, args, out_dir):
     command = [sys.executable, os.path.join(REPO, "main_mnist.py"), "--model", model, "--epochs", "1", "--seed",
                str(args.seed), "--device", args.device, "--amp" if amp else "--no-amp", "--data-dir", args.data_dir,
-               "--out-dir", out_dir]
+               "--out-dir", out_dir, *args.extra]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--models", nargs="+", default=["FastNet", "CompactNet", "Net"], help="one epoch of each")
+    parser.add_argument("extra", nargs="*", help="more flags for main_mnist.py, after --")
     args = parser.parse_args()
     print("| model (1 epoch) | precision | training and test (s) | whole command (s) | test accuracy |\n"
           "|---|---|---|---|---|")

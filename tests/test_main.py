@@ -389,6 +389,16 @@ def test_eval_only_writes_robustness_curves_into_a_folder_of_its_own(capsys, dat
     assert json.loads(open(os.path.join(folder, runs.RECORD)).read())["mode"] == "eval-only"
 
 
+def test_the_gpu_check_runs_on_any_device_and_says_where_bfloat16_was_not_native(data_dir):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--models", "FastNet",
+                           "--data-dir", data_dir, "--", "--dry-run"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(main_mnist.__file__)))
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| FastNet |")]
+    assert len(rows) == 2 and "| float32 |" in rows[0] and "Seed 1's accuracy" in done.stdout, done.stderr
+    if "| float32 |" in rows[1]:  # no native bfloat16 here: the same computation twice, the same accuracy
+        assert done.returncode == 0 and "both rows ran in float32" in done.stdout
+
+
 def test_the_record_says_what_was_built_and_model_pt_loads_as_pytorch_s_examples_load_it(trained):
     record = runs.read_json(os.path.join(trained, runs.RECORD))
     model = model_py.MODELS[record["model"]]()
