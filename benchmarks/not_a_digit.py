@@ -167,7 +167,8 @@ def filled_regions(rng):
     image = Image.new("L", (SIZE, SIZE), 255)
     draw = ImageDraw.Draw(image)
     if rng.random() < 0.5:
-        draw.polygon([(rng.randint(20, SIZE - 20), rng.randint(20, SIZE - 20)) for _ in range(rng.randint(3, 8))], fill=0)
+        corners = rng.randint(3, 8)
+        draw.polygon([(rng.randint(20, SIZE - 20), rng.randint(20, SIZE - 20)) for _ in range(corners)], fill=0)
     else:
         for _ in range(rng.randint(3, 6)):
             x, y, r = rng.randint(60, SIZE - 60), rng.randint(60, SIZE - 60), rng.randint(20, 45)

@@ -96,7 +96,8 @@ def load_model(path, device):
                if not isinstance(knows, dict) or key not in knows]
     if missing:  # made by older code: the weights still read digits
         print(f"Note: {runs.printable(calibration)} is from older code (it lacks {', '.join(missing)}); `python3 "
-              f"main_mnist.py --eval-only {runs.printable(path)}` makes a new one in a folder of its own", file=sys.stderr)
+              f"main_mnist.py --eval-only {runs.printable(path)}` makes a new one in a folder of its own",
+              file=sys.stderr)
         return name, model, {}
     _, features = outputs(model, device, torch.zeros(1, 28, 28))
     t, threshold, limits, bank, bases = (knows[key] for key in ("temperature", "threshold", "limits", "bank", "bases"))
