@@ -91,16 +91,16 @@ def load_model(path, device):
     calibration = os.path.join(folder, runs.CALIBRATION)
     if os.path.basename(path) != runs.FINAL_MODEL or not os.path.exists(calibration):
         return name, model, {}
+    keys = ("temperature", "threshold", "limits", "bank", "bases")
     knows = runs.load(calibration, "calibration")
-    missing = [key for key in ("temperature", "threshold", "limits", "bank", "bases")
-               if not isinstance(knows, dict) or key not in knows]
+    missing = [key for key in keys if not isinstance(knows, dict) or key not in knows]
     if missing:  # made by older code: the weights still read digits
         print(f"Note: {runs.printable(calibration)} is from older code (it lacks {', '.join(missing)}); `python3 "
               f"main_mnist.py --eval-only {runs.printable(path)}` makes a new one in a folder of its own",
               file=sys.stderr)
         return name, model, {}
     _, features = outputs(model, device, torch.zeros(1, 28, 28))
-    t, threshold, limits, bank, bases = (knows[key] for key in ("temperature", "threshold", "limits", "bank", "bases"))
+    t, threshold, limits, bank, bases = (knows[key] for key in keys)
     problems = [what for what, bad in [
         ("its temperature is no positive number", not isinstance(t, (int, float)) or not 0 < t < math.inf),
         ("its threshold is not within 0 to 1", not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1),
