@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import main_mnist
 import utils
 from augment import random_augment, rotate, shift
+from machinery import evaluation
 from machinery.evaluation import FAMILIES, fit_temperature, not_sure_threshold, reliability
 from model import MODELS
 from utils import UserError
@@ -112,6 +113,25 @@ def test_reliability_and_the_not_sure_threshold_on_known_answers():
     rows, ece = reliability(probabilities, labels)
     assert sum(row[2] for row in rows if row) == 100 and ece == pytest.approx((98 * 0.05 + 2 * 0.55) / 100)
     assert 0.55 < not_sure_threshold(probabilities, labels) <= 0.95
+
+
+def features_of_digits(n, width):
+    """Unit-length features in ten clusters, as a layer's features of ten classes of digits lie."""
+    centres = torch.randn(10, width, generator=torch.Generator().manual_seed(width))
+    features = centres[torch.randint(10, (n,))] + 0.5 * torch.randn(n, width)
+    return features / features.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("kept", [evaluation.KEPT, 0.5])  # at 0.5 the rough search cannot settle it: all is searched
+def test_the_not_a_digit_limits_and_answers_are_those_of_the_whole_bank(kept, monkeypatch):
+    monkeypatch.setattr(evaluation, "KEPT", kept)
+    torch.manual_seed(0)
+    bank, others = [features_of_digits(2000, 32), features_of_digits(2000, 8)], [features_of_digits(3000, 32),
+                                                                                 features_of_digits(3000, 8)]
+    whole = evaluation.distances(others, bank).double().quantile(kept, dim=0)
+    assert torch.equal(evaluation.limits_of(others, bank), whole)
+    new = [features_of_digits(3000, 32), torch.randn(3000, 8).div(8 ** 0.5)]  # the second layer's unlike any digit
+    assert torch.equal(evaluation.distances(new, bank, above=whole) > whole, evaluation.distances(new, bank) > whole)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
