@@ -130,7 +130,8 @@ def train_run(args):
     model_summary(model)
     group = {k: v for k, v in optimizer.param_groups[0].items() if k in ("lr", "momentum", "betas", "nesterov",
                                                                           "weight_decay")}
-    print(f"Optimizer: {type(optimizer).__name__}({group}); schedule: {type(scheduler).__name__}")
+    print(f"Optimizer: {type(optimizer).__name__}(" + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                                            for k, v in group.items()) + f"); schedule: {type(scheduler).__name__}")
     record = runs.new_record(hp, model, device, amp, args.argv, optimizer={"class": type(optimizer).__name__, **group},
                              schedule=type(scheduler).__name__, loss=runs.source_of(criterion), test_loss="F.nll_loss",
                              arguments=arguments)
