@@ -96,8 +96,9 @@ def distances(features, bank, above=None):
 
 
 def limits_of(features, bank):
-    """Per layer, the distance within which KEPT of these training digits lie, searching the whole bank only for the
-    tenth farthest from every ROUGH-th bank digit: exact when what decides it lies in that tenth, as it does."""
+    """Per layer, the distance within which KEPT of these training digits lie. The whole bank is searched only for
+    the tenth of them farthest from every ROUGH-th bank digit: exact whenever the limit lies among that tenth, as it
+    does (else all are searched)."""
     bound = distances(features, [b[::ROUGH] for b in bank]).quantile(0.9, dim=0)
     d = distances(features, bank, above=bound).double()
     if not bool((d.quantile(KEPT, dim=0, interpolation="lower") > bound).all()):
