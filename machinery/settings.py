@@ -3,6 +3,7 @@ a resumed run) the checkpoint: a flag for every setting with its help from the c
 every value wherever it comes from, and where each value came from."""
 import argparse
 import ast
+import difflib
 import inspect
 import math
 import os
@@ -23,6 +24,7 @@ BOUNDS = {  # name: (lowest, highest) of a number; NaN is never within them
     "ROTATION": (0, 180), "CROP_P": (0, 1), "CROP_SIZE": (1, 28), "SHIFT": (0, 27), "LABEL_SMOOTHING": (0, 0.999),
     "SEED": (0, 2 ** 63 - 1),
 }
+WHOLE = ("EPOCHS", "BATCH_SIZE", "TEST_BATCH_SIZE", "STEP_SIZE", "CROP_SIZE", "SHIFT", "SEED")  # counts, never 2.5
 MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main_mnist.py")
 
 
@@ -96,9 +98,10 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
     changed by flags. Each value checked; a value the recipe overrides, or one edited in the block or recipe since
     the checkpoint, is said."""
     for model, recipe in recipes.items():
-        if set(recipe) - set(block):
-            raise UserError(f"RECIPES[{model!r}] in main_mnist.py sets {', '.join(sorted(set(recipe) - set(block)))},"
-                            f" which the block above it does not have: add it there first")
+        for name in set(recipe) - set(block):
+            close = difflib.get_close_matches(name, block, n=1)
+            raise UserError(f"RECIPES[{model!r}] in main_mnist.py sets {name}, which the block above it does not have"
+                            + (f": {close[0]}?" if close else ": add it there first"))
     saved = dict(checkpoint["settings"]) if checkpoint else {}
     model = (saved or given).get("MODEL", block["MODEL"])
     recipe = recipes.get(model, {})
@@ -106,7 +109,7 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
     for source, values in (("block", block), ("recipe", recipe), ("checkpoint", saved), ("flag", given)):
         hp.update(values)
         sources.update(dict.fromkeys(values, source))
-    overridden = [f"{name}={block[name]!r}" for name in recipe if recipe[name] != block[name]]
+    overridden = [f"{name}={block[name]!r}" for name in recipe if recipe[name] != block[name] and name not in given]
     notes = [f"{model}'s recipe overrides the block's {', '.join(overridden)}: edit RECIPES[{model!r}] in "
              f"main_mnist.py to change them"] if overridden and not saved else []
     if saved:
@@ -120,30 +123,42 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
         if edited:
             notes.append(f"edited since {where}: {', '.join(f'{n}={now[n]!r}' for n in edited)}; the run goes on "
                          f"with its own {', '.join(f'{n}={saved[n]!r}' for n in edited)}")
-    return Settings(check(hp, block, f" in {where}" if saved else "")), sources, notes
+    return Settings(check(hp, block, {name: place(name, source, model, where) for name, source in sources.items()})), \
+        sources, notes
 
 
-def check(hp, block, where):
-    """The settings with each value checked against the block's value of that name: the same kind (a number
-    setting takes a whole or a decimal number alike; one whose value in the block is whole takes whole ones only),
-    within BOUNDS and CHOICES. UserError naming the first that is not, and `where` it came from."""
+def place(name, source, model, checkpoint):
+    """Where a setting's value was written: its flag, its line in main_mnist.py (the block's, or its model's recipe's),
+    or the checkpoint resumed."""
+    if source in ("flag", "checkpoint"):
+        return flag(name) if source == "flag" else checkpoint
+    with open(MAIN, encoding="utf-8") as f:
+        pattern = rf"^{name} = " if source == "block" else rf"^\s*[\"']{re.escape(model)}[\"']: dict\("
+        line = next((i for i, text in enumerate(f, 1) if re.match(pattern, text)), None)
+    return ("" if source == "block" else f"RECIPES[{model!r}] at ") + (f"main_mnist.py:{line}" if line else "main_mnist.py")
+
+
+def check(hp, block, places):
+    """The settings with each value checked: a number where BOUNDS has the name or the block has a number (whole
+    where WHOLE has the name; a whole value stays whole where the block's is), else of the block's kind; within
+    BOUNDS and CHOICES. UserError naming the first that is not and its place (`places`: name -> where written)."""
     checked = {}
     for name, value in hp.items():
         reference = block.get(name, value)
-        number = type(reference) in (int, float)
+        number = name in BOUNDS or type(reference) in (int, float)
+        where = f"{name} ({places.get(name, 'main_mnist.py')})"
         if (type(value) in (int, float)) != number or not number and type(value) is not type(reference):
-            kind = "a number" if number else type(reference).__name__
-            raise UserError(f"{name}{where} must be {kind}, like {reference!r}, not {value!r}")
-        if type(reference) is int and math.isfinite(value):
-            if value != int(value):
-                raise UserError(f"{name} ({flag(name)}){where} must be a whole number, like {reference!r}, not "
-                                f"{value!r}")
+            kind = "a number" if number else f"{type(reference).__name__} as in the block ({reference!r})"
+            raise UserError(f"{where} must be {kind}, not {value!r}")
+        if number and math.isfinite(value) and value == int(value) and (name in WHOLE or type(reference) is int):
             value = int(value)
+        elif name in WHOLE:
+            raise UserError(f"{where} must be a whole number, not {value!r}")
         low, high = BOUNDS.get(name, (-math.inf, math.inf))
         if number and not low <= value <= high:
-            raise UserError(f"{name} ({flag(name)}){where} must be from {low:g} to {high:g}, not {value!r}")
+            raise UserError(f"{where} must be from {low:g} to {high:g}, not {value!r}")
         if name in CHOICES and value not in CHOICES[name]:
-            raise UserError(f"{name}{where} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+            raise UserError(f"{where} must be one of {', '.join(CHOICES[name])}, not {value!r}")
         checked[name] = value
     return checked
 

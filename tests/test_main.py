@@ -19,6 +19,7 @@ import main_mnist
 import model as model_py
 from conftest import only_run, run_main
 from machinery import runs, settings
+from utils import UserError
 
 
 def dry_run(capsys, data_dir, out_dir, *flags):
@@ -43,9 +44,9 @@ def test_help_lists_every_setting_with_its_comment_and_default(capsys):
 @pytest.mark.parametrize("flags, words", [
     (["--epochs", "0"], "EPOCHS (--epochs) must be from 1"), (["--lr", "nan"], "LR (--lr) must be from"),
     (["--batch-size", "2.5"], "BATCH_SIZE (--batch-size) must be a whole number"),
-    (["--model", "Nett"], "MODEL must be one of"),
+    (["--model", "Nett"], "MODEL (--model) must be one of"),
     (["--crop-p", "1.5"], "CROP_P (--crop-p) must be from 0 to 1"),
-    (["--dataset", "CIFAR10"], "DATASET must be one of"),
+    (["--dataset", "CIFAR10"], "DATASET (--dataset) must be one of"),
     (["--epoks", "3"], "unrecognized arguments: --epoks")])
 def test_a_bad_flag_is_one_line_and_a_non_zero_exit(capsys, flags, words):
     code, out, err = run_main(capsys, *flags)
@@ -294,6 +295,22 @@ def test_a_setting_named_as_a_model_argument_reaches_it_and_one_nothing_reads_is
     assert record["structure"]["arguments"] == {} and "DROPOUT" in record["unused_settings"]
 
 
+@pytest.mark.parametrize("model, name, value, words", [
+    ("Net", "LR", "0.01", "LR (main_mnist.py:{line}) must be a number, not '0.01'"),
+    ("Net", "EPOCHS", 2.5, "EPOCHS (main_mnist.py:{line}) must be a whole number, not 2.5"),
+    ("FastNet", "NESTEROV", "False", "NESTEROV (RECIPES['FastNet'] at main_mnist.py:{recipe}) must be str as in the "
+                                     "block ('False'), not True")])
+def test_a_bad_value_written_in_the_block_is_named_at_its_line(monkeypatch, model, name, value, words):
+    with open(main_mnist.__file__) as f:
+        lines = f.read().splitlines()
+    line = 1 + next(i for i, text in enumerate(lines) if text.startswith(f"{name} = "))
+    recipe = 1 + next(i for i, text in enumerate(lines) if text.strip().startswith('"FastNet": dict('))
+    monkeypatch.setitem(main_mnist.BLOCK, name, value)
+    args = settings.parse_args(["--model", model], main_mnist.BLOCK, main_mnist.RECIPES, "")
+    with pytest.raises(UserError, match=re.escape(words.format(line=line, recipe=recipe))):
+        settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, args.given)
+
+
 def test_numbers_take_whole_or_decimal_values_and_a_recipe_s_override_of_the_block_is_named(monkeypatch):
     monkeypatch.setitem(main_mnist.RECIPES, "FastNet", {**main_mnist.RECIPES["FastNet"], "CROP_P": 0})
     monkeypatch.setitem(main_mnist.BLOCK, "BATCH_SIZE", 64)
@@ -302,6 +319,14 @@ def test_numbers_take_whole_or_decimal_values_and_a_recipe_s_override_of_the_blo
     hp, sources, notes = settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, args.given)
     assert hp["CROP_P"] == 0.3 and hp["EPOCHS"] == 2 and type(hp["EPOCHS"]) is int and sources["CROP_P"] == "flag"
     assert sources["BATCH_SIZE"] == "recipe" and "BATCH_SIZE=64" in notes[0] and "RECIPES['FastNet']" in notes[0]
+    assert "CROP_P" not in notes[0]  # the flag set it, not the recipe
+    monkeypatch.setitem(main_mnist.BLOCK, "LABEL_SMOOTHING", 0)  # "0: off", as its comment says; FastNet12 sets 0.1
+    args = settings.parse_args(["--model", "FastNet12"], main_mnist.BLOCK, main_mnist.RECIPES, "")
+    assert settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, args.given)[0]["LABEL_SMOOTHING"] == 0.1
+    monkeypatch.setitem(main_mnist.RECIPES, "FastNet", {"EPOCH": 2})  # a typo
+    with pytest.raises(UserError, match=re.escape("RECIPES['FastNet'] in main_mnist.py sets EPOCH, which the block "
+                                                  "above it does not have: EPOCHS?")):
+        settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, {})
 
 
 def test_a_device_that_is_not_there_is_one_line_and_bfloat16_only_where_native(capsys, monkeypatch):
