@@ -73,7 +73,7 @@ def load_mnist(data_dir, train, dataset="MNIST"):
                 files = ", ".join(name for name, _ in kind.resources)
                 raise UserError(f"{dataset} is not in {raw}/ and could not be downloaded "
                                 f"({str(error).strip().splitlines()[-1]}): put {files} there and run again") from None
-            for name in FILES:
+            for name in FILES + tuple(name for name, _ in kind.resources):  # the .gz kept: the tests read them too
                 if not os.path.exists(os.path.join(raw, name)):
                     os.replace(os.path.join(own, dataset, "raw", name), os.path.join(raw, name))
     try:

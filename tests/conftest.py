@@ -9,7 +9,13 @@ import main_mnist
 
 
 def mnist_files():
-    return os.environ.get("MNIST_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "mnist")
+    """The folder of MNIST's four .gz files: $MNIST_DIR, else ../shared/mnist beside the clone, else the data folder
+    where a run of main_mnist.py downloaded them."""
+    if os.environ.get("MNIST_DIR"):
+        return os.environ["MNIST_DIR"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folders = [os.path.join(repo, "..", "shared", "mnist"), os.path.join(repo, "data", "MNIST", "raw")]
+    return next((f for f in folders if os.path.isfile(os.path.join(f, "train-images-idx3-ubyte.gz"))), folders[-1])
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +25,8 @@ def data_dir(tmp_path_factory):
     if not os.path.isfile(os.path.join(source, "train-images-idx3-ubyte.gz")):
         if os.environ.get("CI"):
             pytest.fail(f"CI needs MNIST's four .gz files in {source}")
-        pytest.skip(f"MNIST's .gz files are not in {source} (set MNIST_DIR)")
+        pytest.skip(f"MNIST's .gz files are not in {source}: run `python3 main_mnist.py --dry-run` once to download "
+                    f"them there, or set MNIST_DIR")
     folder = tmp_path_factory.mktemp("data")
     os.makedirs(folder / "MNIST" / "raw")
     for name in os.listdir(source):
