@@ -145,6 +145,11 @@ def read_json(path):
     return record
 
 
+def file_in(path, name):
+    """`path`, or the file `name` in it where it is a folder: a run folder given for its checkpoint or its model."""
+    return os.path.join(path, name) if os.path.isdir(path) else path
+
+
 def load(path, what="checkpoint", needs=()):
     """A .pt file read back (tensors and plain values only: nothing in it runs), with the keys `needs` names."""
     try:

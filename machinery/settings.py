@@ -11,7 +11,7 @@ import re
 import sys
 import textwrap
 
-from machinery.runs import printable
+from machinery.runs import CHECKPOINT, file_in, printable
 from model import MODELS
 from utils import UserError
 
@@ -88,6 +88,7 @@ def parse_args(argv, block, recipes, source):
                                                                        "(default: every run in OUT_DIR)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.resume = args.resume and file_in(args.resume, CHECKPOINT)
     args.given = {name: getattr(args, name) for name in block if hasattr(args, name)}
     return args
 

@@ -67,6 +67,7 @@ def load_model(path, device):
     calibration.pt beside it say which model and how it answers), a checkpoint.pt or a bare state_dict of any model
     in model.py. Checked once, here: every tensor a number, the calibration's values in range and its bank of the
     shapes the model gives; else UserError naming what is damaged."""
+    path = runs.file_in(path, runs.FINAL_MODEL)
     saved = runs.load(path, "model")  # weights alone, a checkpoint, or a model.pt of older code (its "state_dict")
     state = saved.get("model", saved.get("state_dict", saved)) if isinstance(saved, dict) else saved
     folder = os.path.dirname(os.path.abspath(path))

@@ -106,7 +106,7 @@ def test_resume_goes_on_exactly_as_an_unbroken_run(capsys, data_dir, tmp_path, m
     assert [[row[c] for c in columns] for row in metrics(only_run(whole))] == \
            [[row[c] for c in columns] for row in metrics(folder)]
     assert runs.read_json(os.path.join(folder, runs.RECORD))["status"] == "finished"
-    code, out, err = run_main(capsys, "--resume", os.path.join(folder, runs.CHECKPOINT))
+    code, out, err = run_main(capsys, "--resume", folder)  # the run folder stands for its checkpoint
     assert code == 1 and "its run is finished (3 of 3 epochs); a one-cycle run's length is set" in err
 
 
@@ -156,9 +156,9 @@ def test_a_stop_in_the_final_report_is_completed_by_resume(capsys, data_dir, tmp
 
 
 @pytest.mark.parametrize("damage, words", [
-    (lambda c: c["settings"].update(NESTEROV="no"), "NESTEROV in"), (lambda c: c.pop("model"), "it lacks model"),
+    (lambda c: c["settings"].update(NESTEROV="no"), "NESTEROV ("), (lambda c: c.pop("model"), "it lacks model"),
     (lambda c: c["settings"].update(SCHEDULE="cosine"), "main_mnist.py:"),
-    (lambda c: c["settings"].update(LR=float("inf")), "LR (--lr) in")])
+    (lambda c: c["settings"].update(LR=float("inf")), "checkpoint.pt) must be from 1e-12 to 10, not inf")])
 def test_a_damaged_checkpoint_is_one_line(capsys, data_dir, tmp_path, monkeypatch, damage, words):
     with monkeypatch.context() as patch:
         stop_after_epoch(patch, 1)

@@ -58,7 +58,7 @@ def test_a_drawing_of_no_digit_is_declined(trained, tmp_path, capsys):
     draw.line([(30, 30), (170, 170)], fill=0, width=12)
     draw.line([(30, 170), (170, 30)], fill=0, width=12)
     image.save(tmp_path / "box.png")
-    code, out, err = run_predict(capsys, tmp_path / "box.png", "--model", os.path.join(trained, runs.FINAL_MODEL),
+    code, out, err = run_predict(capsys, tmp_path / "box.png", "--model", trained,  # the run folder: its model.pt
                                  "--out", tmp_path / "p.png")
     assert code == 0 and re.search(r"box.png: not a digit   top 3: \d", out)
 
