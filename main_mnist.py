@@ -128,20 +128,21 @@ def train_run(args):
           f"{'bfloat16' if amp else 'float32'}")
     print(describe_data(train_loader.images, test_loader.images))
     model_summary(model)
-    group = {k: v for k, v in optimizer.param_groups[0].items() if k in ("lr", "momentum", "betas", "nesterov",
-                                                                          "weight_decay")}
-    print(f"Optimizer: {type(optimizer).__name__}(" + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                                                            for k, v in group.items()) + f"); schedule: {type(scheduler).__name__}")
-    record = runs.new_record(hp, model, device, amp, args.argv, optimizer={"class": type(optimizer).__name__, **group},
-                             schedule=type(scheduler).__name__, loss=runs.source_of(criterion), test_loss="F.nll_loss",
-                             arguments=arguments)
     history, lr_curve = [], []
-    if checkpoint:
+    if checkpoint:  # where the run stopped: the optimizer's line shows the state it goes on from
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         history, lr_curve = list(checkpoint["history"]), list(checkpoint["lr_curve"])
         runs.set_random_state(checkpoint["random_state"])
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k in ("lr", "momentum", "betas", "nesterov",
+                                                                          "weight_decay")}
+    shown = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in group.items())
+    print(f"Optimizer at this run's first step (schedule: {type(scheduler).__name__}): {type(optimizer).__name__}({shown})")
+    record = runs.new_record(hp, model, device, amp, args.argv, optimizer={"class": type(optimizer).__name__, **group},
+                             schedule=type(scheduler).__name__, loss=runs.source_of(criterion), test_loss="F.nll_loss",
+                             arguments=arguments)
+    if checkpoint:
         record.update(runs.summary(history, lr_curve), resumed_from=os.path.abspath(args.resume),
                       id=checkpoint["id"] if folder == os.path.dirname(os.path.abspath(args.resume)) else record["id"])
     step_lrs = []  # the lr of each optimizer step, as the schedule moved it

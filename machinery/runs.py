@@ -54,6 +54,28 @@ def stop(signum, frame):  # SIGTERM and SIGHUP end a run as Ctrl-C does, the exi
     raise KeyboardInterrupt(signum)
 
 
+def one_line(error):
+    """An error raised in the project's code as one line naming the deepest of its files and the line there (a
+    SyntaxError: the line it is on)."""
+    frames = [(f.filename, f.lineno, f" in {f.name}") for f in traceback.extract_tb(error.__traceback__)]
+    if isinstance(error, SyntaxError) and error.filename:
+        frames.append((error.filename, error.lineno, ""))
+        error = type(error)(error.msg)  # its text without the file and line, said once already
+    frames = [frame for frame in frames if in_project(frame[0])]
+    where = f"{os.path.relpath(frames[-1][0], REPO)}:{frames[-1][1]}{frames[-1][2]}: " if frames else ""
+    return (f"error: {printable(where)}{type(error).__name__}: {printable(first_line(error))[:500]} "
+            f"(--traceback shows the whole trace)")
+
+
+def excepthook(kind, error, trace):  # an error before a script's errors_in_one_line: model.py's SyntaxError on import
+    if "--traceback" in sys.argv or not isinstance(error, Exception):
+        return sys.__excepthook__(kind, error, trace)
+    print(one_line(error), file=sys.stderr)
+
+
+sys.excepthook = excepthook
+
+
 @contextlib.contextmanager
 def errors_in_one_line(show_traceback=False):
     """Around a script's work: an error a person can fix is one line on stderr and a non-zero exit. An error
@@ -76,11 +98,7 @@ def errors_in_one_line(show_traceback=False):
     except Exception as error:
         if show_traceback:
             raise
-        frames = [frame for frame in traceback.extract_tb(error.__traceback__) if in_project(frame.filename)]
-        where = (f"{os.path.relpath(frames[-1].filename, REPO)}:{frames[-1].lineno} in {frames[-1].name}: "
-                 if frames else "")
-        sys.exit(f"error: {printable(where)}{type(error).__name__}: {printable(first_line(error))[:500]} "
-                 f"(--traceback shows the whole trace)")
+        sys.exit(one_line(error))
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)

@@ -155,6 +155,14 @@ def test_a_stop_in_the_final_report_is_completed_by_resume(capsys, data_dir, tmp
     assert os.path.exists(os.path.join(folder, runs.FINAL_MODEL))
 
 
+@pytest.mark.parametrize("text, kind", [("def forward(self:", "SyntaxError"), ("if x:\ny = 1", "IndentationError")])
+def test_a_syntax_error_in_model_py_is_one_line_though_met_on_import(text, kind):
+    code = f"from machinery import runs; exec(compile({text!r}, 'model.py', 'exec'))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=runs.REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith(f"error: model.py:{text.count(chr(10)) + 1}: {kind}: ")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 @pytest.mark.parametrize("damage, words", [
     (lambda c: c["settings"].update(NESTEROV="no"), "NESTEROV ("), (lambda c: c.pop("model"), "it lacks model"),
     (lambda c: c["settings"].update(SCHEDULE="cosine"), "main_mnist.py:"),
