@@ -91,7 +91,7 @@ def main(argv=None):
         check_out(args.out, paths)
         device = pick_device()
         model, knows = load_reader(args.model, device)
-        shown = []
+        shown, answered = [], 0
         for path in paths:  # each image alone: one that cannot be read is said, and the others still read
             try:
                 image = open_image(io.BytesIO(runs.read_bytes(path, LARGEST_FILE)), path)
@@ -103,7 +103,7 @@ def main(argv=None):
                 continue
             probabilities, distance = read(model, device, digit[None], knows)
             verdict = answer(probabilities[0], distance[0] if distance is not None else None, knows)
-            top = probabilities[0].topk(3)
+            top, answered = probabilities[0].topk(3), answered + 1
             print(f"{runs.printable(path)}: {verdict}   top 3: " + "  ".join(
                 f"{int(d)} {100 * float(p):.1f}%" for p, d in zip(top.values, top.indices)))
             if len(shown) < MAX_SHOWN:
@@ -111,8 +111,8 @@ def main(argv=None):
                 shown.append((path, image.convert("RGBA"), digit, probabilities[0], verdict))
         if shown:
             runs.save_figure(plot_predictions(*zip(*shown)), args.out)
-            print(f"Saved: {runs.printable(args.out)}" + (f" (the first {len(shown)} images)" if len(shown) < len(paths)
-                                                          else ""))
+            print(f"Saved: {runs.printable(args.out)}" + (f" (the first {len(shown)} images read)"
+                                                          if len(shown) < answered else ""))
     return 1 if failed else 0
 
 

@@ -1,6 +1,7 @@
 """Any image as an MNIST digit, the way MNIST's own were made (LeCun et al.): grey, light ink on black, cropped to
 the ink, fitted to a 20x20 box and centred by its mass in 28x28. What predict.py and app.py read images through.
 """
+import re
 import warnings
 
 import numpy as np
@@ -34,7 +35,8 @@ def open_image(source, name, max_pixels=MAX_PIXELS):
     except FileNotFoundError:
         raise UserError(f"{name}: no such file") from None
     except Exception as error:  # PIL says an unreadable file in a dozen ways
-        raise UserError(f"{name}: not an image PIL can read ({type(error).__name__}: {error})"[:300]) from None
+        text = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error))  # not the address of PIL's file object
+        raise UserError(f"{name}: not an image PIL can read ({type(error).__name__}: {text})"[:300]) from None
 
 
 def grey(image):

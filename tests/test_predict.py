@@ -41,7 +41,7 @@ def test_photos_of_digits_read_as_the_model_reads_the_originals(data_dir, traine
     assert code == 0 and err == "" and len(read) == 100
     assert sum(int(top) == own[int(i)] for i, _, top in read) >= 95  # the likeliest digit
     assert sum(answer in ("not sure", "not a digit") for _, answer, _ in read) <= 5
-    assert os.path.isfile(tmp_path / "p.png") and "(the first 20 images)" in out
+    assert os.path.isfile(tmp_path / "p.png") and "(the first 20 images read)" in out
 
 
 def test_the_newest_finished_run_is_the_default_model(trained, tmp_path, capsys, monkeypatch):
@@ -76,7 +76,7 @@ def test_a_file_that_is_no_readable_image_is_one_line_and_the_others_are_still_r
     Image.new("L", (60, 60), 255).save(tmp_path / "blank.png")
     code, out, err = run_predict(capsys, bad, "--model", os.path.join(trained, runs.FINAL_MODEL), "--out",
                                  tmp_path / "p.png")
-    assert code == 1 and words in err and "\x1b" not in err and "bad\\x1b[31m.png" in err
+    assert code == 1 and words in err and "\x1b" not in err and "bad\\x1b[31m.png" in err and " at 0x" not in err
     assert "blank.png" not in out and len(err.strip().splitlines()) == 1
 
 
