@@ -77,7 +77,8 @@ def parse_args(argv, block, recipes, source):
             type=float if isinstance(value, (int, float)) else str, metavar=name)
         in_recipes = "".join(f"; {model}: {recipe[name]}" for model, recipe in recipes.items() if name in recipe)
         parser.add_argument(flag(name), dest=name, default=argparse.SUPPRESS,
-                            help=f"{helps.get(name, '')} (default: {value}{in_recipes})", **kind)
+                            help=f"{helps.get(name, '')}" + (f"; one of {', '.join(CHOICES[name])}" if name in CHOICES
+                                                             else "") + f" (default: {value}{in_recipes})", **kind)
     parser.add_argument("--traceback", action="store_true", help="an error's whole traceback, not its one line")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--resume", metavar="CHECKPOINT", help="go on with a stopped run from its checkpoint.pt")

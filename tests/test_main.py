@@ -39,6 +39,7 @@ def test_help_lists_every_setting_with_its_comment_and_default(capsys):
     for name, value in main_mnist.BLOCK.items():
         assert settings.flag(name) in out and helps[name].split()[0] in out and f"(default: {value}" in out, name
     assert code == 0 and "--dry-run" in out and "--compare" in out
+    assert "one of " + ", ".join(model_py.MODELS) in out  # the models a learner may name
 
 
 @pytest.mark.parametrize("flags, words", [
