@@ -39,7 +39,7 @@ LABEL_SMOOTHING = 0.0    # the loss: this share of each target spread evenly ove
 DEVICE = "auto"          # cpu, cuda or mps; auto: the best there is
 AMP = True               # bfloat16 autocast where the device has it natively: CUDA from Ampere on, AVX512-BF16, AMX
 SEED = 1                 # random seed: the same seed gives the same run on a CPU
-DRY_RUN = False          # one batch of training and of test an epoch: a check of seconds after an edit
+DRY_RUN = False          # one batch of training and of test an epoch: with --epochs 2, a check of seconds
 DATA_DIR = "data"        # the data is read from DATA_DIR/<DATASET>/raw, and downloaded there if missing
 OUT_DIR = "outputs"      # each run writes into a new folder OUT_DIR/<date>_<time>_<model>
 
@@ -177,7 +177,8 @@ def train_run(args):
         runs.save_torch(folder, runs.FINAL_MODEL, getattr(model, "_orig_mod", model).state_dict())
     if record["unused_settings"]:
         print(f"Settings nothing read in this run: {', '.join(record['unused_settings'])}")
-    print(f"Final test accuracy {history[-1]['test_acc']:.2f}% (best {record['best_test_acc']:.2f}% at epoch "
+    final = "Dry run (one test batch an epoch): final" if hp["DRY_RUN"] else "Final"
+    print(f"{final} test accuracy {history[-1]['test_acc']:.2f}% (best {record['best_test_acc']:.2f}% at epoch "
           f"{record['best_epoch']}, chosen on the test set); {record['seconds']:.0f} s of training and test\nSaved in "
           f"{runs.printable(folder)}: " + ", ".join(sorted(name for name in os.listdir(folder) if name[0] != ".")))
 

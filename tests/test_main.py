@@ -57,7 +57,7 @@ def test_a_bad_flag_is_one_line_and_a_non_zero_exit(capsys, flags, words):
 def test_a_dry_run_leaves_a_finished_run_with_every_file(capsys, data_dir, tmp_path):
     code, out, err = dry_run(capsys, data_dir, tmp_path)
     folder = only_run(tmp_path)
-    assert code == 0, err
+    assert code == 0 and "Dry run (one test batch an epoch): final test accuracy" in out, err
     assert {runs.RECORD, runs.METRICS, runs.CHECKPOINT, runs.FINAL_MODEL, runs.CALIBRATION, runs.PLOT, runs.SAMPLES,
             "misclassified.png", "confusion_matrix.png", "reliability.png"} == set(os.listdir(folder))
     record = runs.read_json(os.path.join(folder, runs.RECORD))
