@@ -20,19 +20,27 @@ ROBUSTNESS_IMAGES = 2000  # test images per point of a robustness curve: a stand
 def compare(folders, out_dir):
     """A table of runs (default: every folder in out_dir with a run.json): each run's last epoch, every key its
     rows hold, and the settings, model structure and code where the runs differ; comparison.png of their test
-    accuracy, dry runs only if there is nothing else. A run whose record is damaged gets a line that says so."""
+    accuracy, dry runs only if there is nothing else. A run whose record is damaged gets a line that says so; a folder
+    named that holds no run, one and exit status 1. --eval-only and --find-lr folders are no runs: they are left out."""
+    named = bool(folders)
     if not folders:
         folders = sorted(os.path.join(out_dir, name) for name in os.listdir(out_dir)) if os.path.isdir(out_dir) else []
         folders = [f for f in folders if os.path.lexists(os.path.join(f, runs.RECORD))]
     if not folders:
         raise UserError(f"no runs to compare in {out_dir}/: train one with `python3 main_mnist.py`")
-    table, damaged = [], []  # (row, what the run was made of, history) per readable run
+    table, damaged, missing = [], [], []  # (row, what the run was made of, history) per readable run
     for folder in folders:
+        name = os.path.basename(os.path.normpath(folder))
+        if named and not os.path.lexists(os.path.join(folder, runs.RECORD)):
+            missing.append(f"{name}  no run here: {folder} has no {runs.RECORD}")
+            continue
         try:
             record = runs.read_json(os.path.join(folder, runs.RECORD))
+            if record.get("mode", "train") != "train":
+                continue
             history, hp = record["history"], record["settings"]
             status = record["status"] if record["status"] != "running" or runs.alive(record["pid"]) else "killed"
-            row = {"run": os.path.basename(folder), "model": record["model"], "status": status + (
+            row = {"run": name, "model": record["model"], "status": status + (
                 " (dry run)" if hp.get("DRY_RUN") else ""), "epochs": f"{len(history)}/{hp['EPOCHS']}", "best test_acc":
                 max((r["test_acc"] for r in history), default=""), "seconds": round(sum(r["seconds"] for r in history)),
                 **{k: v for k, v in (history[-1] if history else {}).items() if k not in NOT_PLOTTED}}
@@ -40,7 +48,7 @@ def compare(folders, out_dir):
                           history))
         except Exception as error:  # a record edited by hand can break any field
             reason = runs.first_line(error) if isinstance(error, UserError) else f"{type(error).__name__} {error}"
-            damaged.append(f"{os.path.basename(folder)}  damaged or unreadable: {reason[:100]}")
+            damaged.append(f"{name}  damaged or unreadable: {reason[:100]}")
     for name in dict.fromkeys(key for _, made, _ in table for key in made):  # the settings, structure, code that differ
         if len({repr(made.get(name)) for _, made, _ in table}) > 1:
             for row, made, _ in table:
@@ -49,9 +57,9 @@ def compare(folders, out_dir):
     cells = [columns] + [[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
                          for row, _, _ in table]
     widths = [max(len(runs.printable(line[i])) for line in cells) for i in range(len(columns))]
-    for line in cells:
+    for line in cells if table else []:
         print("  ".join(runs.printable(value).ljust(width) for value, width in zip(line, widths)).rstrip())
-    for line in damaged:
+    for line in damaged + missing:
         print(runs.printable(line))
     real = [(row["run"], history) for row, made, history in table if history and not made.get("DRY_RUN")]
     curves = real or [(row["run"], history) for row, _, history in table if history]
@@ -60,6 +68,7 @@ def compare(folders, out_dir):
         runs.save_figure(plot_comparison(curves), os.path.join(out_dir, "comparison.png"))
         print(f"Saved: {runs.printable(os.path.join(out_dir, 'comparison.png'))}" + (
             "" if real else " (dry runs only)"))
+    return 1 if missing else 0
 
 
 def load_model(path, device):

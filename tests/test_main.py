@@ -404,6 +404,12 @@ def test_compare_lists_runs_and_one_line_for_each_damaged_one(capsys, data_dir, 
     assert all(re.search(rf"^{name}\s+damaged or unreadable", out, re.MULTILINE)
                for name in ("deep", "digits", "huge", "code", "fifo"))
     assert os.path.isfile(tmp_path / "comparison.png")
+    assert run_main(capsys, "--eval-only", os.path.join(good, runs.FINAL_MODEL), "--dry-run", "--data-dir", data_dir,
+                    "--out-dir", tmp_path)[0] == 0
+    code, out, err = run_main(capsys, "--compare", good + os.sep, tmp_path / "typo", "--out-dir", tmp_path)
+    assert code == 1 and re.search(rf"^{os.path.basename(good)}\s+FastNet", out, re.MULTILINE)  # a trailing / too
+    assert "typo  no run here" in out and "_eval" not in out  # an --eval-only folder is no run
+    assert "_eval" not in run_main(capsys, "--compare", "--out-dir", tmp_path)[1]
 
 
 def test_find_lr_suggests_an_lr_and_leaves_the_model_as_it_was(capsys, data_dir, tmp_path):
