@@ -151,7 +151,8 @@ def evaluate_only(path, device, hp, argv):
         shifted = [a for family, points in curves.items() for s, a in points if s != FAMILIES[family][1][0]]
         record["robustness_mean"] = sum(shifted) / len(shifted)
         print(f"Test accuracy {record['final_test_acc']:.2f}%. Robustness: {record['robustness_mean']:.1f}% accuracy "
-              f"under shifts (mean of {len(shifted)} points on {count:,} test digits); each curve in robustness.csv "
+              f"on average over {len(shifted)} altered copies of {count:,} test digits (turned, moved, scaled, "
+              f"thinned or thickened, noisy, blurred, of less contrast); each family's curve in robustness.csv "
               f"and robustness.png")
 
 
