@@ -125,6 +125,7 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
         if edited:
             notes.append(f"edited since {where}: {', '.join(f'{n}={now[n]!r}' for n in edited)}; the run goes on "
                          f"with its own {', '.join(f'{n}={saved[n]!r}' for n in edited)}")
+    check(block, block, {name: place(name, "block", model, where) for name in block})  # what a recipe overrides too
     return Settings(check(hp, block, {name: place(name, source, model, where) for name, source in sources.items()})), \
         sources, notes
 
@@ -149,6 +150,8 @@ def check(hp, block, places):
         reference = block.get(name, value)
         number = name in BOUNDS or type(reference) in (int, float)
         where = f"{name} ({places.get(name, 'main_mnist.py')})"
+        if value in ("True", "False"):  # NESTEROV = "False" would be true: a string that is not empty
+            raise UserError(f"{where} is the string {value!r}: write {value} without quotes")
         if (type(value) in (int, float)) != number or not number and type(value) is not type(reference):
             kind = "a number" if number else f"{type(reference).__name__} as in the block ({reference!r})"
             raise UserError(f"{where} must be {kind}, not {value!r}")
