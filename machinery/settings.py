@@ -125,9 +125,8 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
         if edited:
             notes.append(f"edited since {where}: {', '.join(f'{n}={now[n]!r}' for n in edited)}; the run goes on "
                          f"with its own {', '.join(f'{n}={saved[n]!r}' for n in edited)}")
-    check(block, block, {name: place(name, "block", model, where) for name in block})  # what a recipe overrides too
-    return Settings(check(hp, block, {name: place(name, source, model, where) for name, source in sources.items()})), \
-        sources, notes
+    check(block, block, dict.fromkeys(block, "block"), model, where)  # what a recipe overrides too
+    return Settings(check(hp, block, sources, model, where)), sources, notes
 
 
 def place(name, source, model, checkpoint):
@@ -141,31 +140,38 @@ def place(name, source, model, checkpoint):
     return ("" if source == "block" else f"RECIPES[{model!r}] at ") + (f"main_mnist.py:{line}" if line else "main_mnist.py")
 
 
-def check(hp, block, places):
-    """The settings with each value checked: a number where BOUNDS has the name or the block has a number (whole
-    where WHOLE has the name; a whole value stays whole where the block's is), else of the block's kind; within
-    BOUNDS and CHOICES. UserError naming the first that is not and its place (`places`: name -> where written)."""
-    checked = {}
+def check(hp, block, sources, model, checkpoint):
+    """The settings with each value checked (`checked`); UserError naming the first that is not and where it was
+    written (`sources`: name -> block, recipe, checkpoint or flag)."""
+    result = {}
     for name, value in hp.items():
-        reference = block.get(name, value)
-        number = name in BOUNDS or type(reference) in (int, float)
-        where = f"{name} ({places.get(name, 'main_mnist.py')})"
-        if value in ("True", "False"):  # NESTEROV = "False" would be true: a string that is not empty
-            raise UserError(f"{where} is the string {value!r}: write {value} without quotes")
-        if (type(value) in (int, float)) != number or not number and type(value) is not type(reference):
-            kind = "a number" if number else f"{type(reference).__name__} as in the block ({reference!r})"
-            raise UserError(f"{where} must be {kind}, not {value!r}")
-        if number and math.isfinite(value) and value == int(value) and (name in WHOLE or type(reference) is int):
-            value = int(value)
-        elif name in WHOLE:
-            raise UserError(f"{where} must be a whole number, not {value!r}")
-        low, high = BOUNDS.get(name, (-math.inf, math.inf))
-        if number and not low <= value <= high:
-            raise UserError(f"{where} must be from {low:g} to {high:g}, not {value!r}")
-        if name in CHOICES and value not in CHOICES[name]:
-            raise UserError(f"{where} must be one of {', '.join(CHOICES[name])}, not {value!r}")
-        checked[name] = value
-    return checked
+        try:
+            result[name] = checked(name, value, block.get(name, value))
+        except ValueError as error:
+            raise UserError(f"{name} ({place(name, sources[name], model, checkpoint)}) {error}") from None
+    return result
+
+
+def checked(name, value, reference):
+    """The value, or ValueError saying what it must be: a number where BOUNDS has the name or the block has a number
+    (whole where WHOLE has the name; a whole value stays whole where the block's is), else of the block's kind;
+    within BOUNDS and CHOICES."""
+    number = name in BOUNDS or type(reference) in (int, float)
+    if value in ("True", "False"):  # NESTEROV = "False" would be true: a string that is not empty
+        raise ValueError(f"is the string {value!r}: write {value} without quotes")
+    if (type(value) in (int, float)) != number or not number and type(value) is not type(reference):
+        kind = "a number" if number else f"{type(reference).__name__} as in the block ({reference!r})"
+        raise ValueError(f"must be {kind}, not {value!r}")
+    if number and math.isfinite(value) and value == int(value) and (name in WHOLE or type(reference) is int):
+        value = int(value)
+    elif name in WHOLE:
+        raise ValueError(f"must be a whole number, not {value!r}")
+    low, high = BOUNDS.get(name, (-math.inf, math.inf))
+    if number and not low <= value <= high:
+        raise ValueError(f"must be from {low:g} to {high:g}, not {value!r}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ValueError(f"must be one of {', '.join(CHOICES[name])}, not {value!r}")
+    return value
 
 
 def model_arguments(model_class, hp):
