@@ -4,6 +4,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import sys
 
 import torch
@@ -56,7 +57,11 @@ def compare(folders, out_dir):
     columns = list(dict.fromkeys(key for row, _, _ in table for key in row))
     cells = [columns] + [[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
                          for row, _, _ in table]
-    widths = [max(len(runs.printable(line[i])) for line in cells) for i in range(len(columns))]
+    flipped = [list(line) for line in zip(*cells)]  # a line per key and a column per run, where that is narrower
+    widths, flipped_widths = ([max(len(runs.printable(value)) for value in column) for column in zip(*lines)]
+                              for lines in (cells, flipped))
+    if sum(widths) > shutil.get_terminal_size().columns - 2 * len(widths) and sum(flipped_widths) < sum(widths):
+        cells, widths = flipped, flipped_widths
     for line in cells if table else []:
         print("  ".join(runs.printable(value).ljust(width) for value, width in zip(line, widths)).rstrip())
     for line in damaged + missing:

@@ -390,7 +390,8 @@ def test_another_dataset_is_named_as_itself_when_it_is_missing(capsys, tmp_path,
     assert code == 1 and "FashionMNIST is not in" in err and "FashionMNIST/raw" in err and " MNIST" not in err
 
 
-def test_compare_lists_runs_and_one_line_for_each_damaged_one(capsys, data_dir, tmp_path):
+def test_compare_lists_runs_and_one_line_for_each_damaged_one(capsys, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # a terminal wide enough for a line per run
     assert dry_run(capsys, data_dir, tmp_path)[0] == 0
     good = only_run(tmp_path)
     for name, text in [("deep", "[" * 200_000 + "]" * 200_000), ("digits", '{"model": ' + "9" * 200_001 + "}"),
@@ -464,7 +465,7 @@ def test_every_key_of_an_epoch_s_row_is_plotted_and_the_lr_as_the_schedule_moved
     assert any(list(line.get_ydata()) == [0.01, 0.5, 0.001] for ax in figure.axes for line in ax.get_lines())
 
 
-def test_a_learner_s_edited_copy_flows_through_files_plot_and_compare(capsys, data_dir, tmp_path):
+def test_a_learner_s_edited_copy_flows_through_files_plot_and_compare(capsys, data_dir, tmp_path, monkeypatch):
     """The course's exercise, in a copy of the repo: GroupNorm for BatchNorm, a key added to the epoch's row."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     copy = tmp_path / "copy"
@@ -482,9 +483,11 @@ def test_a_learner_s_edited_copy_flows_through_files_plot_and_compare(capsys, da
     assert run_main(capsys, *flags)[0] == 0
     assert "gap" in metrics(edited)[0] and "gap" in runs.read_json(os.path.join(edited, runs.RECORD))["history"][0]
     assert "GroupNorm" in " ".join(runs.read_json(os.path.join(edited, runs.RECORD))["structure"]["layers"])
+    monkeypatch.setenv("COLUMNS", "100")  # narrower than the table: a line per key, a column per run
     code, out, err = run_main(capsys, "--compare", "--out-dir", tmp_path / "runs")
-    header = out.splitlines()[0].split()
-    assert code == 0 and {"gap", "structure", "code"} <= set(header) and "finished (dry run)" in out, err
+    keys = [line.split()[0] for line in out.splitlines()]
+    assert code == 0 and {"run", "gap", "structure", "code"} <= set(keys) and "finished (dry run)" in out, err
+    assert max(len(line) for line in out.splitlines() if not line.startswith("Saved:")) <= 100
     assert "Saved:" in out and "(dry runs only)" in out
 
 
