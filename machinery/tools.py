@@ -132,8 +132,8 @@ def load_model(path, device):
 
 
 def evaluate_only(path, device, hp, argv):
-    """Scores a model.pt on the test set into a new folder of its own: the end-of-run report, and robustness
-    curves (robustness.csv, robustness.png)."""
+    """Scores a model.pt on the test set into a new folder of its own: the end-of-run report, robustness curves
+    (robustness.csv, robustness.png), and the model.pt with a calibration.pt made by this code beside it."""
     name, model, _ = load_model(path, device)
     hp["MODEL"] = name
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, dataset=hp["DATASET"])
@@ -145,8 +145,8 @@ def evaluate_only(path, device, hp, argv):
     with runs.recorded(folder, record):
         runs.save_record(folder, record)
         labels = test_loader.labels[:count].cpu()
-        record["calibration"], _ = report(model, device, train_images[:2 * count], test_loader.images[:count], labels,
-                                          False, folder)
+        record["calibration"], knows = report(model, device, train_images[:2 * count], test_loader.images[:count],
+                                              labels, False, folder)
         record["final_test_acc"] = record["calibration"]["test_acc"]
         count = 100 if hp["DRY_RUN"] else ROBUSTNESS_IMAGES
         curves = robustness_curves(model, device, test_loader.images[:count], labels[:count])
@@ -155,6 +155,8 @@ def evaluate_only(path, device, hp, argv):
         runs.save_figure(plot_robustness({name: curves}), os.path.join(folder, "robustness.png"))
         shifted = [a for family, points in curves.items() for s, a in points if s != FAMILIES[family][1][0]]
         record["robustness_mean"] = sum(shifted) / len(shifted)
+        runs.save_torch(folder, runs.CALIBRATION, knows)  # then the weights, as a run saves them: `predict.py --model
+        runs.save_torch(folder, runs.FINAL_MODEL, model.state_dict())  # FOLDER` answers with this calibration
         print(f"Test accuracy {record['final_test_acc']:.2f}%. Robustness: {record['robustness_mean']:.1f}% accuracy "
               f"on average over {len(shifted)} altered copies of {count:,} test digits (turned, moved, scaled, "
               f"thinned or thickened, noisy, blurred, of less contrast); each family's curve in robustness.csv "

@@ -428,8 +428,12 @@ def test_eval_only_writes_robustness_curves_into_a_folder_of_its_own(capsys, dat
                               "--data-dir", data_dir, "--out-dir", tmp_path)
     folder = only_run(tmp_path)
     assert code == 0, err
-    assert {"robustness.csv", "robustness.png", "reliability.png", runs.RECORD} <= set(os.listdir(folder))
+    assert {"robustness.csv", "robustness.png", "reliability.png", runs.RECORD, runs.CALIBRATION, runs.FINAL_MODEL} \
+        <= set(os.listdir(folder))
     assert json.loads(open(os.path.join(folder, runs.RECORD)).read())["mode"] == "eval-only"
+    from machinery.tools import load_model
+    name, model, knows = load_model(folder, torch.device("cpu"))  # what predict.py --model FOLDER reads
+    assert name == "FastNet" and {"bank", "bases", "limits"} <= set(knows)
 
 
 def test_the_gpu_check_runs_on_any_device_and_says_where_bfloat16_was_not_native(data_dir):
