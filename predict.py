@@ -103,7 +103,8 @@ def main(argv=None):
                 continue
             probabilities, distance = read(model, device, digit[None], knows)
             verdict = answer(probabilities[0], distance[0] if distance is not None else None, knows)
-            top, answered = probabilities[0].topk(3), answered + 1
+            top = probabilities[0].topk(3)
+            answered += 1
             print(f"{runs.printable(path)}: {verdict}   top 3: " + "  ".join(
                 f"{int(d)} {100 * float(p):.1f}%" for p, d in zip(top.values, top.indices)))
             if len(shown) < MAX_SHOWN:
