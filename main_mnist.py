@@ -138,7 +138,8 @@ def train_run(args):
     group = {k: v for k, v in optimizer.param_groups[0].items() if k in ("lr", "momentum", "betas", "nesterov",
                                                                           "weight_decay")}
     shown = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in group.items())
-    print(f"Optimizer at this run's first step (schedule: {type(scheduler).__name__}): {type(optimizer).__name__}({shown})")
+    print(f"Optimizer at this run's first step (schedule: {type(scheduler).__name__}): "
+          f"{type(optimizer).__name__}({shown})")
     record = runs.new_record(hp, model, device, amp, args.argv, optimizer={"class": type(optimizer).__name__, **group},
                              schedule=type(scheduler).__name__, loss=runs.source_of(criterion), test_loss="F.nll_loss",
                              arguments=arguments)

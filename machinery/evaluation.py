@@ -78,7 +78,7 @@ def project(features, bases):
 def distances(features, bank, above=None):
     """Per layer, the distance (1 - cosine) of each image's projected features to the nearest in the bank. Given
     `above` (a number per layer), exact only where it may exceed that: the nearest of every ROUGH-th bank digit is
-    no nearer than the bank's, so where it is within `above` it stands in, and the whole bank is searched for the rest."""
+    no nearer than the bank's, so where it is within `above` it stands in; the whole bank is searched for the rest."""
     def nearest(f, b):  # in blocks of 512 images: their products with a bank of 10,000 take 20 MB
         return torch.cat([1 - (f[i:i + 512] @ b.T).max(dim=1).values for i in range(0, len(f), 512)])
     result = []

@@ -24,8 +24,8 @@ def plot_metrics(history, lr_curve, title):
     axes = list(fig.subplots(rows, columns, squeeze=False).flat)
     for ax, (name, group) in zip(axes, panels.items()):
         for key in group:
-            rows = [row for row in history if isinstance(row.get(key), (int, float))]
-            ax.plot([row["epoch"] for row in rows], [row[key] for row in rows], marker="o", markersize=3, label=key)
+            points = [row for row in history if isinstance(row.get(key), (int, float))]
+            ax.plot([row["epoch"] for row in points], [row[key] for row in points], marker="o", markersize=3, label=key)
         ax.set(title=name, xlabel="epoch", yscale="log" if name.startswith("loss") else "linear")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -100,10 +100,11 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
     changed by flags. Each value checked; a value the recipe overrides, or one edited in the block or recipe since
     the checkpoint, is said."""
     for model, recipe in recipes.items():
-        for name in set(recipe) - set(block):
-            close = difflib.get_close_matches(name, block, n=1)
-            raise UserError(f"RECIPES[{model!r}] in main_mnist.py sets {name}, which the block above it does not have"
-                            + (f": {close[0]}?" if close else ": add it there first"))
+        unknown = sorted(set(recipe) - set(block))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], block, n=1)
+            raise UserError(f"RECIPES[{model!r}] in main_mnist.py sets {unknown[0]}, which the block above it does not "
+                            f"have" + (f": {close[0]}?" if close else ": add it there first"))
     saved = dict(checkpoint["settings"]) if checkpoint else {}
     model = (saved or given).get("MODEL", block["MODEL"])
     recipe = recipes.get(model, {})
@@ -137,7 +138,8 @@ def place(name, source, model, checkpoint):
     with open(MAIN, encoding="utf-8") as f:
         pattern = rf"^{name} = " if source == "block" else rf"^\s*[\"']{re.escape(model)}[\"']: dict\("
         line = next((i for i, text in enumerate(f, 1) if re.match(pattern, text)), None)
-    return ("" if source == "block" else f"RECIPES[{model!r}] at ") + (f"main_mnist.py:{line}" if line else "main_mnist.py")
+    where = f"main_mnist.py:{line}" if line else "main_mnist.py"
+    return where if source == "block" else f"RECIPES[{model!r}] at {where}"
 
 
 def check(hp, block, sources, model, checkpoint):
