@@ -85,11 +85,20 @@ def loss_function(model, hp):
 
 
 def check_forward(model, loader):
-    """The model's output on a batch: [batch, 10] log-probabilities (log_softmax), or a one-line reason why not."""
+    """The model's output on a batch: [batch, 10] log-probabilities (log_softmax), or a one-line reason why not.
+    A model whose forward flattens with .view is moved to the contiguous layout it needs."""
     model.eval()
     with torch.no_grad():
         images = next(iter(loader))[0][:8]
-        output = model(images).float().cpu()
+        try:
+            output = model(images).float().cpu()
+        except RuntimeError as error:  # x.view(-1, n), the original's flatten, fails on channels_last's strides
+            if "view size is not compatible" not in str(error):
+                raise
+            model.to(memory_format=torch.contiguous_format)
+            output = model(images).float().cpu()
+            print("Note: the model flattens with .view, which needs the contiguous layout: it trains in that one "
+                  "(x.flatten(1) lets it train in channels_last, 1.2-1.3x faster on a CPU)")
     if output.shape != (len(images), 10) or not torch.allclose(output.logsumexp(1), torch.zeros(len(images)),
                                                                atol=1e-3):
         raise UserError(f"the model must return log-probabilities [batch, 10] (F.log_softmax(x, dim=1)), not " + (

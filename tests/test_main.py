@@ -241,15 +241,15 @@ class Narrowed(model_py.Net):
 
 
 class ViewFlattened(nn.Module):
-    """The original's way to flatten: x.view(-1, ...)."""
+    """The original's way to flatten, x.view(-1, ...), in a model wide enough for channels_last."""
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc = nn.Linear(4 * 26 * 26, 10)
+        self.conv = nn.Conv2d(1, 32, 3)
+        self.fc = nn.Linear(32 * 26 * 26, 10)
 
     def forward(self, x):
-        return F.log_softmax(self.fc(F.relu(self.conv(x)).view(-1, 4 * 26 * 26)), dim=1)
+        return F.log_softmax(self.fc(F.relu(self.conv(x)).view(-1, 32 * 26 * 26)), dim=1)
 
 
 def test_a_model_whose_layers_do_not_fit_is_one_line_at_the_learner_s_line(capsys, data_dir, tmp_path, monkeypatch):
@@ -268,7 +268,8 @@ def test_view_flattening_and_a_model_without_a_recipe_train(capsys, data_dir, tm
     monkeypatch.setitem(model_py.MODELS, "ViewFlattened", ViewFlattened)
     code, out, err = run_main(capsys, "--model", "ViewFlattened", "--dry-run", "--epochs", "1", "--data-dir", data_dir,
                               "--out-dir", tmp_path)
-    assert code == 0 and "[recipe]" not in out, err
+    assert main_mnist.memory_format(ViewFlattened()) == torch.channels_last
+    assert code == 0 and "[recipe]" not in out and "contiguous layout" in out, err
 
 
 class WithDropout(nn.Module):
