@@ -52,7 +52,8 @@ RECIPES = {
                       LABEL_SMOOTHING=0.1),  # FastNet's network, 99.5% within a minute on a CPU
 }
 # ----
-BLOCK = {name: value for name, value in globals().items() if name.isupper() and isinstance(value, (int, float, str))}
+BLOCK = {name: value for name, value in globals().items()  # None or a list too: a setting can't be one, and is told
+         if name.isupper() and isinstance(value, (int, float, str, type(None), list, tuple))}
 
 
 def build_model(hp):

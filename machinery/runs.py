@@ -30,7 +30,8 @@ RECORD, METRICS, CHECKPOINT, FINAL_MODEL, CALIBRATION = "run.json", "metrics.csv
 PLOT, SAMPLES = "accuracy_loss.png", "samples.png"
 CHECKPOINT_KEYS = ("id", "settings", "history", "lr_curve", "model", "optimizer", "scheduler", "random_state")
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}  # figures' file types
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MACHINERY = os.path.dirname(os.path.abspath(__file__))  # an error names the learner's file before these
+REPO = os.path.dirname(MACHINERY)
 LARGEST_RECORD = 10_000_000  # bytes: a run.json is a few KB, and a larger file is no record of ours
 
 
@@ -56,12 +57,13 @@ def stop(signum, frame):  # SIGTERM and SIGHUP end a run as Ctrl-C does, the exi
 
 def one_line(error):
     """An error raised in the project's code as one line naming the deepest of its files and the line there (a
-    SyntaxError: the line it is on)."""
+    SyntaxError: the line it is on): of the learner's files where the trace passes one, not machinery/'s."""
     frames = [(f.filename, f.lineno, f" in {f.name}") for f in traceback.extract_tb(error.__traceback__)]
     if isinstance(error, SyntaxError) and error.filename:
         frames.append((error.filename, error.lineno, ""))
         error = type(error)(error.msg)  # its text without the file and line, said once already
     frames = [frame for frame in frames if in_project(frame[0])]
+    frames = [frame for frame in frames if os.path.dirname(os.path.abspath(frame[0])) != MACHINERY] or frames
     where = f"{os.path.relpath(frames[-1][0], REPO)}:{frames[-1][1]}{frames[-1][2]}: " if frames else ""
     return (f"error: {printable(where)}{type(error).__name__}: {printable(first_line(error))[:500]} "
             f"(--traceback shows the whole trace)")

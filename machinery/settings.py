@@ -37,6 +37,9 @@ class Settings(dict):
 
     def __getitem__(self, name):
         self.read.add(name)
+        if name not in self:  # hp["l1"] for L1: the name it likely meant
+            close = difflib.get_close_matches(str(name).upper(), self, n=1)
+            raise KeyError(f"{name!r} is no setting" + (f": {close[0]}?" if close else ""))
         return super().__getitem__(name)
 
     def get(self, name, default=None):
@@ -159,7 +162,9 @@ def checked(name, value, reference):
     (whole where WHOLE has the name; a whole value stays whole where the block's is), else of the block's kind;
     within BOUNDS and CHOICES."""
     number = name in BOUNDS or type(reference) in (int, float)
-    if value in ("True", "False"):  # NESTEROV = "False" would be true: a string that is not empty
+    if not isinstance(value, (int, float, str)):  # a bool is an int
+        raise ValueError(f"must be a number, a string, True or False (a setting has a flag), not {value!r}")
+    if quoted(value, reference):  # NESTEROV = "False" would be true: a string that is not empty
         raise ValueError(f"is the string {value!r}: write {value} without quotes")
     if (type(value) in (int, float)) != number or not number and type(value) is not type(reference):
         kind = "a number" if number else f"{type(reference).__name__} as in the block ({reference!r})"
@@ -174,6 +179,15 @@ def checked(name, value, reference):
     if name in CHOICES and value not in CHOICES[name]:
         raise ValueError(f"must be one of {', '.join(CHOICES[name])}, not {value!r}")
     return value
+
+
+def quoted(value, reference):
+    """Whether a value is True, False or, as written in the block, a number, in quotes."""
+    try:
+        return value in ("True", "False") or value == reference and isinstance(value, str) and math.isfinite(
+            float(value))
+    except ValueError:
+        return False
 
 
 def model_arguments(model_class, hp):

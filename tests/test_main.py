@@ -306,7 +306,7 @@ def test_a_setting_named_as_a_model_argument_reaches_it_and_one_nothing_reads_is
 
 
 @pytest.mark.parametrize("model, name, value, words", [
-    ("Net", "LR", "0.01", "LR (main_mnist.py:{line}) must be a number, not '0.01'"),
+    ("Net", "LR", "0.01", "LR (main_mnist.py:{line}) is the string '0.01': write 0.01 without quotes"),
     ("Net", "EPOCHS", 2.5, "EPOCHS (main_mnist.py:{line}) must be a whole number, not 2.5"),
     ("FastNet", "NESTEROV", "False", "NESTEROV (main_mnist.py:{line}) is the string 'False': write False without "
                                      "quotes")])  # though FastNet's recipe sets its own
@@ -318,6 +318,25 @@ def test_a_bad_value_written_in_the_block_is_named_at_its_line(monkeypatch, mode
     args = settings.parse_args(["--model", model], main_mnist.BLOCK, main_mnist.RECIPES, "")
     with pytest.raises(UserError, match=re.escape(words.format(line=line))):
         settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, args.given)
+
+
+def test_a_setting_a_learner_adds_is_checked_and_one_misspelt_in_their_code_is_named_there(capsys, data_dir, tmp_path,
+                                                                                           monkeypatch):
+    for value, words in ((None, "NORM (main_mnist.py) must be a number, a string, True or False"),
+                         ("1e-5", "NORM (main_mnist.py) is the string '1e-5': write 1e-5 without quotes")):
+        monkeypatch.setitem(main_mnist.BLOCK, "NORM", value)
+        with pytest.raises(UserError, match=re.escape(words)):
+            settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, {})
+    monkeypatch.delitem(main_mnist.BLOCK, "NORM")
+    monkeypatch.setitem(main_mnist.BLOCK, "L1", 1e-5)
+
+    def loss_function(model, hp):
+        return lambda output, target: F.nll_loss(output, target) + hp["l1"] * sum(p.abs().sum() for p in model.parameters())
+    monkeypatch.setattr(main_mnist, "loss_function", loss_function)
+    code, out, err = run_main(capsys, "--model", "FastNet", "--dry-run", "--epochs", 1, "--data-dir", data_dir,
+                              "--out-dir", tmp_path)
+    line = inspect.getsourcelines(loss_function)[1] + 1
+    assert code == 1 and f"error: tests/test_main.py:{line} in <lambda>: KeyError: " in err and "L1?" in err, err
 
 
 def test_numbers_take_whole_or_decimal_values_and_a_recipe_s_override_of_the_block_is_named(monkeypatch):
