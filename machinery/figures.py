@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from utils import image_grid
 
@@ -47,9 +48,10 @@ def plot_comparison(runs):
     fig = Figure(figsize=(11, 6))
     ax = fig.subplots()
     for label, history in runs:
-        ax.plot([row["epoch"] for row in history], [row["test_acc"] for row in history], marker="o", markersize=3,
+        ax.plot([row["epoch"] for row in history], [row["test_acc"] for row in history], marker="o", markersize=5,
                 label=f"{label}: {history[-1]['test_acc']:.2f}%")
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Runs compared")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

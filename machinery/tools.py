@@ -50,10 +50,10 @@ def compare(folders, out_dir):
         except Exception as error:  # a record edited by hand can break any field
             reason = runs.first_line(error) if isinstance(error, UserError) else f"{type(error).__name__} {error}"
             damaged.append(f"{name}  damaged or unreadable: {reason[:100]}")
-    for name in dict.fromkeys(key for _, made, _ in table for key in made):  # the settings, structure, code that differ
-        if len({repr(made.get(name)) for _, made, _ in table}) > 1:
-            for row, made, _ in table:
-                row[name] = made.get(name, "")
+    differ = [name for name in dict.fromkeys(key for _, made, _ in table for key in made)  # settings, structure, code
+              if len({repr(made.get(name)) for _, made, _ in table}) > 1]
+    for row, made, _ in table:
+        row.update({name: made.get(name, "") for name in differ})
     columns = list(dict.fromkeys(key for row, _, _ in table for key in row))
     cells = [columns] + [[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
                          for row, _, _ in table]
@@ -66,13 +66,18 @@ def compare(folders, out_dir):
         print("  ".join(runs.printable(value).ljust(width) for value, width in zip(line, widths)).rstrip())
     for line in damaged + missing:
         print(runs.printable(line))
-    real = [(row["run"], history) for row, made, history in table if history and not made.get("DRY_RUN")]
-    curves = real or [(row["run"], history) for row, _, history in table if history]
-    if curves:
+    real = [(row, made, history) for row, made, history in table if history and not made.get("DRY_RUN")]
+    drawn = real or [(row, made, history) for row, made, history in table if history]
+    shown = [name for name in differ if name not in ("MODEL", "structure", "code")  # the model is in the run's name,
+             and len({repr(made.get(name)) for _, made, _ in drawn}) > 1]  # and hashes tell no one apart at a glance
+    if drawn:
         os.makedirs(out_dir, exist_ok=True)
+        curves = [(" ".join([row["run"]] + [f"{name}={made[name]}" for name in shown if name in made]), history)
+                  for row, made, history in drawn]
         runs.save_figure(plot_comparison(curves), os.path.join(out_dir, "comparison.png"))
         print(f"Saved: {runs.printable(os.path.join(out_dir, 'comparison.png'))}" + (
-            "" if real else " (dry runs only)"))
+            " (dry runs only)" if not real else " (dry runs left out)" if any(
+                history and made.get("DRY_RUN") for _, made, history in table) else ""))
     return 1 if missing else 0
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import main_mnist
 import model as model_py
 from conftest import only_run, run_main
-from machinery import runs, settings
+from machinery import runs, settings, tools
+from machinery.figures import plot_comparison
 from utils import UserError
 
 
@@ -504,13 +505,16 @@ def test_a_learner_s_edited_copy_flows_through_files_plot_and_compare(capsys, da
     done = subprocess.run([sys.executable, copy / "main_mnist.py", *flags], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     edited = only_run(tmp_path / "runs")
-    assert run_main(capsys, *flags)[0] == 0
+    assert run_main(capsys, *flags, "--seed", "2")[0] == 0
     assert "gap" in metrics(edited)[0] and "gap" in runs.read_json(os.path.join(edited, runs.RECORD))["history"][0]
     assert "GroupNorm" in " ".join(runs.read_json(os.path.join(edited, runs.RECORD))["structure"]["layers"])
     monkeypatch.setenv("COLUMNS", "100")  # narrower than the table: a line per key, a column per run
+    drawn = []
+    monkeypatch.setattr(tools, "plot_comparison", lambda curves: drawn.extend(curves) or plot_comparison(curves))
     code, out, err = run_main(capsys, "--compare", "--out-dir", tmp_path / "runs")
     keys = [line.split()[0] for line in out.splitlines()]
-    assert code == 0 and {"run", "gap", "structure", "code"} <= set(keys) and "finished (dry run)" in out, err
+    assert code == 0 and {"run", "gap", "structure", "code", "SEED"} <= set(keys) and "finished (dry run)" in out, err
+    assert sorted(label.split()[-1] for label, history in drawn) == ["SEED=1", "SEED=2"]  # the legend tells them apart
     assert max(len(line) for line in out.splitlines() if not line.startswith("Saved:")) <= 100
     assert "Saved:" in out and "(dry runs only)" in out
 
