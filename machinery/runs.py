@@ -336,6 +336,8 @@ def recorded(folder, record):
         if os.path.exists(os.path.join(folder, CHECKPOINT)):
             print(f"Go on from the last epoch saved: python3 main_mnist.py --resume "
                   f"{shlex.quote(printable(os.path.join(folder, CHECKPOINT)))}", file=sys.stderr)
+        elif isinstance(error, KeyboardInterrupt) and record.get("mode") == "train":
+            print("No epoch had ended, so there is nothing to resume: run the command again", file=sys.stderr)
         raise
     record.update(status="finished", error=None)
     save_record(folder, record)

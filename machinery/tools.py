@@ -94,15 +94,17 @@ def load_model(path, device):
     with contextlib.suppress(UserError, KeyError, TypeError):  # no run.json beside it: every model is tried
         record = runs.read_json(os.path.join(folder, runs.RECORD))
         name, arguments = record["model"], record["structure"]["arguments"]
-    for name in [name] if name in MODELS else list(MODELS):
+    for candidate in [name] if name in MODELS else list(MODELS):
         try:
-            model = MODELS[name](**arguments)
+            model = MODELS[candidate](**arguments)
             model.load_state_dict(state)
+            name = candidate
             break
-        except (RuntimeError, TypeError, AttributeError, ValueError):
-            continue
-    else:
-        raise UserError(f"{path} holds the weights of no model in model.py ({', '.join(MODELS)})")
+        except (RuntimeError, TypeError, AttributeError, ValueError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()  # torch's last line
+    else:  # run.json names the model: its layers in model.py changed since the run
+        raise UserError(f"{path} holds a {name} whose layers differ from model.py's {name} now ({reason[:200]})"
+                        if name in MODELS else f"{path} holds the weights of no model in model.py ({', '.join(MODELS)})")
     damaged = [key for key, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if damaged:
         raise UserError(f"{path}: {damaged[0]} is not all numbers (NaN or infinite): the run that saved it failed, or "

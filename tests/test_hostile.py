@@ -91,6 +91,13 @@ def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(data_dir, tmp_path, signum
     assert not [name for name in os.listdir(folder) if name.startswith(".")]
 
 
+def test_a_run_stopped_in_its_first_epoch_says_there_is_nothing_to_resume(capsys, tmp_path):
+    with pytest.raises(KeyboardInterrupt), runs.recorded(str(tmp_path), {"mode": "train"}):
+        raise KeyboardInterrupt
+    assert "nothing to resume" in capsys.readouterr().err
+    assert runs.read_json(os.path.join(tmp_path, runs.RECORD))["status"] == "stopped"
+
+
 @pytest.mark.parametrize("damage, words", [
     (lambda w, c: w["fc1.1.running_var"].fill_(float("nan")), "fc1.1.running_var is not all numbers"),
     (lambda w, c: c.update(temperature=float("nan")), "temperature is no positive number"),

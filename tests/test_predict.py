@@ -2,12 +2,14 @@
 that are no image at all; and images.to_mnist, which brings each to MNIST's format."""
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import model as model_py
 import predict
 from benchmarks.not_a_digit import photo_of  # the benchmark's photographed digits, read here too
 from conftest import run_main
@@ -95,6 +97,14 @@ def test_a_model_with_weights_that_are_not_numbers_is_one_line(trained, tmp_path
     Image.new("L", (60, 60), 255).save(tmp_path / "x.png")
     code, out, err = run_predict(capsys, tmp_path / "x.png", "--model", tmp_path / "model.pt")
     assert code == 1 and "fc2.bias is not all numbers" in err
+
+
+def test_a_run_whose_model_changed_in_model_py_since_is_named_so(trained, tmp_path, monkeypatch):
+    for name in (runs.FINAL_MODEL, runs.RECORD):
+        shutil.copy(os.path.join(trained, name), tmp_path)
+    monkeypatch.setitem(model_py.MODELS, "FastNet", model_py.CompactNet)  # as if a learner rewrote FastNet's layers
+    with pytest.raises(UserError, match=r"holds a FastNet whose layers differ from model.py's FastNet now \(.+\)"):
+        load_model(str(tmp_path), torch.device("cpu"))
 
 
 def test_a_folder_without_images_says_so(tmp_path, trained, capsys):
