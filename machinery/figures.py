@@ -51,7 +51,7 @@ def plot_comparison(runs):
         ax.plot([row["epoch"] for row in history], [row["test_acc"] for row in history], marker="o", markersize=5,
                 label=f"{label}: {history[-1]['test_acc']:.2f}%")
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Runs compared")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

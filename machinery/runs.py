@@ -57,14 +57,15 @@ def stop(signum, frame):  # SIGTERM and SIGHUP end a run as Ctrl-C does, the exi
 
 def one_line(error):
     """An error raised in the project's code as one line naming the deepest of its files and the line there (a
-    SyntaxError: the line it is on): of the learner's files where the trace passes one, not machinery/'s."""
+    SyntaxError: the line it is on); where that is in machinery/, the learner's line that led there first."""
     frames = [(f.filename, f.lineno, f" in {f.name}") for f in traceback.extract_tb(error.__traceback__)]
     if isinstance(error, SyntaxError) and error.filename:
         frames.append((error.filename, error.lineno, ""))
         error = type(error)(error.msg)  # its text without the file and line, said once already
-    frames = [frame for frame in frames if in_project(frame[0])]
-    frames = [frame for frame in frames if os.path.dirname(os.path.abspath(frame[0])) != MACHINERY] or frames
-    where = f"{os.path.relpath(frames[-1][0], REPO)}:{frames[-1][1]}{frames[-1][2]}: " if frames else ""
+    frames = [f"{os.path.relpath(name, REPO)}:{line}{function}" for name, line, function in frames if in_project(name)]
+    own = [frame for frame in frames if not frame.startswith(os.path.basename(MACHINERY) + os.sep)]
+    where = ((f"{own[-1]} (raised in {frames[-1]})" if own and own[-1] != frames[-1] else frames[-1]) + ": "
+             if frames else "")
     return (f"error: {printable(where)}{type(error).__name__}: {printable(first_line(error))[:500]} "
             f"(--traceback shows the whole trace)")
 

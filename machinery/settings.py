@@ -36,10 +36,10 @@ class Settings(dict):
         self.read = set()
 
     def __getitem__(self, name):
-        self.read.add(name)
         if name not in self:  # hp["l1"] for L1: the name it likely meant
             close = difflib.get_close_matches(str(name).upper(), self, n=1)
-            raise KeyError(f"{name!r} is no setting" + (f": {close[0]}?" if close else ""))
+            raise KeyError(f"{name!r} is no setting" + (f": {close[0]}?" if close else " of the block"))
+        self.read.add(name)
         return super().__getitem__(name)
 
     def get(self, name, default=None):
@@ -130,6 +130,8 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
             notes.append(f"edited since {where}: {', '.join(f'{n}={now[n]!r}' for n in edited)}; the run goes on "
                          f"with its own {', '.join(f'{n}={saved[n]!r}' for n in edited)}")
     check(block, block, dict.fromkeys(block, "block"), model, where)  # what a recipe overrides too
+    notes += [f"{name}={hp[name]!r} ({place(name, sources[name], model, where)}) is a string: a number is written "
+              f"without quotes" for name in hp if sources[name] in ("block", "recipe") and reads_as_number(hp[name])]
     return Settings(check(hp, block, sources, model, where)), sources, notes
 
 
@@ -163,8 +165,9 @@ def checked(name, value, reference):
     within BOUNDS and CHOICES."""
     number = name in BOUNDS or type(reference) in (int, float)
     if not isinstance(value, (int, float, str)):  # a bool is an int
-        raise ValueError(f"must be a number, a string, True or False (a setting has a flag), not {value!r}")
-    if quoted(value, reference):  # NESTEROV = "False" would be true: a string that is not empty
+        raise ValueError(f"must be a number, a string, True or False, not {value!r} (an upper-case name above BLOCK "
+                         f"is a setting: a constant that is no setting goes below it)")
+    if value in ("True", "False"):  # NESTEROV = "False" would be true: a string that is not empty
         raise ValueError(f"is the string {value!r}: write {value} without quotes")
     if (type(value) in (int, float)) != number or not number and type(value) is not type(reference):
         kind = "a number" if number else f"{type(reference).__name__} as in the block ({reference!r})"
@@ -181,11 +184,9 @@ def checked(name, value, reference):
     return value
 
 
-def quoted(value, reference):
-    """Whether a value is True, False or, as written in the block, a number, in quotes."""
+def reads_as_number(value):
     try:
-        return value in ("True", "False") or value == reference and isinstance(value, str) and math.isfinite(
-            float(value))
+        return isinstance(value, str) and math.isfinite(float(value))
     except ValueError:
         return False
 

@@ -68,12 +68,14 @@ def compare(folders, out_dir):
         print(runs.printable(line))
     real = [(row, made, history) for row, made, history in table if history and not made.get("DRY_RUN")]
     drawn = real or [(row, made, history) for row, made, history in table if history]
-    shown = [name for name in differ if name not in ("MODEL", "structure", "code")  # the model is in the run's name,
-             and len({repr(made.get(name)) for _, made, _ in drawn}) > 1]  # and hashes tell no one apart at a glance
-    if drawn:
+    shown = [name for name in differ if len({repr(made.get(name)) for _, made, _ in drawn}) > 1 and name not in
+             ("MODEL", "structure", "code", "DATA_DIR", "OUT_DIR")]  # the model is in the run's name; hashes and
+    if drawn:                                                            # folders tell no one apart at a glance
         os.makedirs(out_dir, exist_ok=True)
-        curves = [(" ".join([row["run"]] + [f"{name}={made[name]}" for name in shown if name in made]), history)
-                  for row, made, history in drawn]
+        curves = []
+        for row, made, history in drawn:
+            words = [f"{name}={made[name]}" for name in shown[:4] if name in made] + ["..."] * (len(shown) > 4)
+            curves.append((" ".join([row["run"], *words]).replace("$", r"\$"), history))  # a $ would start TeX
         runs.save_figure(plot_comparison(curves), os.path.join(out_dir, "comparison.png"))
         print(f"Saved: {runs.printable(os.path.join(out_dir, 'comparison.png'))}" + (
             " (dry runs only)" if not real else " (dry runs left out)" if any(
@@ -101,9 +103,12 @@ def load_model(path, device):
             name = candidate
             break
         except (RuntimeError, TypeError, AttributeError, ValueError) as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()  # torch's last line
+            lines = str(error).strip().splitlines() or [type(error).__name__]  # torch's: a title, then a line a key
+            reason = lines[min(1, len(lines) - 1)].strip()[:150] + (f"...; {len(lines) - 2} more" if len(lines) > 2
+                                                                       else "")
     else:  # run.json names the model: its layers in model.py changed since the run
-        raise UserError(f"{path} holds a {name} whose layers differ from model.py's {name} now ({reason[:200]})"
+        raise UserError(f"{path} holds a {name} that model.py's {name} no longer takes: its layers or arguments "
+                        f"changed since ({reason})"
                         if name in MODELS else f"{path} holds the weights of no model in model.py ({', '.join(MODELS)})")
     damaged = [key for key, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if damaged:
