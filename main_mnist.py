@@ -197,10 +197,9 @@ def train_run(args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    argv = sys.argv[1:] if argv is None else argv
     with runs.errors_in_one_line("--traceback" in argv):
-        with open(__file__, encoding="utf-8") as f:
-            args = settings.parse_args(argv, BLOCK, RECIPES, f.read())
+        args = settings.parse_args(argv, BLOCK, RECIPES)
         if args.compare is not None:
             from machinery.tools import compare
             return compare(args.compare, args.given.get("OUT_DIR", OUT_DIR))
@@ -216,7 +215,7 @@ def main(argv=None):
                                  hp["DATASET"])
         torch.manual_seed(hp["SEED"])
         model = build_model(hp).to(device)
-        find_lr(model, build_optimizer(model, hp), loader, loss_function(model, hp), device, hp)
+        find_lr(model, build_optimizer(model, hp), loader, loss_function(model, hp), hp)
 
 
 if __name__ == "__main__":  # so that importing this file (the tests do) runs nothing

@@ -16,10 +16,11 @@ MAX_PIXELS = 65_000_000  # a phone's 64-megapixel photo is read whole; a small f
 DIGIT_BOX, MASS_CENTRE = 20, 14.0  # MNIST's digits fit 20x20, their centre of mass near (14, 14) (measured)
 INK_LEVEL = 0.25  # of the ink's range above the paper: fainter pixels are paper, shadow or noise
 MIN_CONTRAST = 0.1  # the darkest ink stands at least this far (0-1) from the paper, or the image is blank
+NOISE = 0.015  # a photo's sensor noise is averaged down to about this (0-1) before the ink is told from the paper
 
 
 def open_image(source, name, max_pixels=MAX_PIXELS):
-    """A PIL image from a path or a binary file, decoded whole and turned upright (a phone's EXIF note); UserError
+    """A PIL image from a binary file, decoded whole and turned upright (a phone's EXIF note); UserError
     naming it (`name`) if it is not an image, is damaged or has more than `max_pixels` pixels."""
     try:
         with warnings.catch_warnings():
@@ -32,8 +33,6 @@ def open_image(source, name, max_pixels=MAX_PIXELS):
             return ImageOps.exif_transpose(image)
     except UserError:
         raise
-    except FileNotFoundError:
-        raise UserError(f"{name}: no such file") from None
     except Exception as error:  # PIL says an unreadable file in a dozen ways
         text = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error))  # not the address of PIL's file object
         raise UserError(f"{name}: not an image PIL can read ({type(error).__name__}: {text})"[:300]) from None
@@ -53,16 +52,29 @@ def grey(image):
 
 def to_mnist(image, name="the image"):
     """The 28x28 float tensor in [0, 1], light ink on black, that the model sees of a PIL image or a grey array;
-    UserError if it is too small or blank."""
+    UserError if it is too small or blank. A photo's grain is averaged out and light that falls from one side
+    levelled first, where they would reach the ink's level; a clean image is read as it is."""
     pixels = image.astype(np.float32) if isinstance(image, np.ndarray) else grey(image)
     if min(pixels.shape) < 8:
         raise UserError(f"{name} is {pixels.shape[1]}x{pixels.shape[0]} pixels: too small to hold a digit")
-    paper = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+    edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    paper = float(np.median(edges))
+    box = min(2 * round(1.4826 * np.median(np.abs(edges - paper)) / NOISE / 2) + 1, 9)  # the edges' spread
+    if box > 1:  # the mean of box x box pixels: noise shrinks box-fold, and strokes wider than that stay
+        pixels = F.avg_pool2d(torch.from_numpy(pixels)[None, None], box, 1, box // 2, count_include_pad=False)
+        pixels = pixels[0, 0].numpy()
     if paper > 0.5:  # light paper: inverted, as MNIST's ink is light on black
         pixels, paper = 1 - pixels, 1 - paper
-    ink = float(pixels.max())
-    if ink - paper < MIN_CONTRAST:
+    if float(pixels.max()) - paper < MIN_CONTRAST:
         raise UserError(f"{name} is blank: nothing in it stands out from its background")
+    span = float(pixels.max()) - paper  # light that falls unevenly: a plane through the paper of each edge, where
+    left, right, top, bottom = (float(np.median(np.append(side[np.abs(side - paper) < span / 4], paper)))
+                                for side in (pixels[:, 0], pixels[:, -1], pixels[0], pixels[-1]))
+    if max(abs(right - left), abs(bottom - top)) > span / 8:  # it tilts enough to lift paper near the ink's level
+        height, width = pixels.shape
+        pixels = pixels - ((right - left) * (np.arange(width) / (width - 1) - 0.5) + (bottom - top) * (
+            np.arange(height)[:, None] / (height - 1) - 0.5)).astype(np.float32)
+    ink = float(pixels.max())
     low = paper + INK_LEVEL * (ink - paper)  # a faint pencil is stretched to full ink, as MNIST's strongest is 1
     pixels = np.clip((pixels - low) / (ink - low), 0, 1)
     rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))

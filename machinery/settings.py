@@ -70,9 +70,10 @@ def flag(name):
     return "--" + name.lower().replace("_", "-")
 
 
-def parse_args(argv, block, recipes, source):
-    """The command line of main_mnist.py: a flag per setting of the block, and the modes."""
-    helps = setting_help(source)
+def parse_args(argv, block, recipes):
+    """The command line of main_mnist.py: a flag per setting of the block, with the comment beside it, and the modes."""
+    with open(MAIN, encoding="utf-8") as f:
+        helps = setting_help(f.read())
     parser = OneLineParser(description="Train a digit classifier on MNIST. Each flag overrides a setting of "
                                        "main_mnist.py's block, or of the recipe of the model trained.")
     for name, value in block.items():

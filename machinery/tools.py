@@ -13,7 +13,7 @@ from machinery import runs
 from machinery.evaluation import FAMILIES, outputs, report, robustness_curves
 from machinery.figures import NOT_PLOTTED, plot_comparison, plot_lr_finder, plot_robustness
 from model import MODELS
-from utils import UserError, autocast, get_testloader, get_trainloader
+from utils import UserError, get_testloader, get_trainloader
 
 ROBUSTNESS_IMAGES = 2000  # test images per point of a robustness curve: a standard error under 1 point
 
@@ -89,8 +89,8 @@ def load_model(path, device):
     in model.py. Checked once, here: every tensor a number, the calibration's values in range and its bank of the
     shapes the model gives; else UserError naming what is damaged."""
     path = runs.file_in(path, runs.FINAL_MODEL)
-    saved = runs.load(path, "model")  # weights alone, a checkpoint, or a model.pt of older code (its "state_dict")
-    state = saved.get("model", saved.get("state_dict", saved)) if isinstance(saved, dict) else saved
+    saved = runs.load(path, "model")  # weights alone, or a checkpoint
+    state = saved.get("model", saved) if isinstance(saved, dict) else saved
     folder = os.path.dirname(os.path.abspath(path))
     name, arguments = None, {}
     with contextlib.suppress(UserError, KeyError, TypeError):  # no run.json beside it: every model is tried
@@ -175,7 +175,7 @@ def evaluate_only(path, device, hp, argv):
               f"and robustness.png")
 
 
-def find_lr(model, optimizer, loader, criterion, device, hp, steps=100, low=1e-7, high=10):
+def find_lr(model, optimizer, loader, criterion, hp, steps=100, low=1e-7, high=10):
     """Leslie Smith's range test: the lr grows exponentially from `low` to `high`, one batch a step, and the
     smoothed loss is recorded until it passes 4 times its best. Suggests a tenth of the lr of the lowest loss
     (fastai's rule); lr_finder.png in a new folder. The model and optimizer are left as they were."""
@@ -194,8 +194,7 @@ def find_lr(model, optimizer, loader, criterion, device, hp, steps=100, low=1e-7
                 batches = iter(loader)
                 data, target = next(batches)
             optimizer.zero_grad()
-            with autocast(device, False):
-                loss = criterion(model(data), target)
+            loss = criterion(model(data), target)
             loss.backward()
             optimizer.step()
             smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()

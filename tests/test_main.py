@@ -261,7 +261,7 @@ def test_a_model_whose_layers_do_not_fit_is_one_line_at_the_learner_s_line(capsy
     assert code == 1 and f"error: model.py:{line} in forward: RuntimeError: " in err and "32 channels" in err
     assert len(err.strip().splitlines()) == 1 and "--traceback" in err and os.listdir(tmp_path) == []
     with pytest.raises(RuntimeError):  # the whole trace, one flag away
-        main_mnist.main(["--model", "Narrowed", "--dry-run", "--data-dir", data_dir, "--out-dir", tmp_path,
+        main_mnist.main(["--model", "Narrowed", "--dry-run", "--data-dir", data_dir, "--out-dir", str(tmp_path),
                          "--traceback"])
 
 
@@ -320,7 +320,7 @@ def test_a_bad_value_written_in_the_block_is_named_at_its_line(monkeypatch, mode
         lines = f.read().splitlines()
     line = 1 + next(i for i, text in enumerate(lines) if text.startswith(f"{name} = "))
     monkeypatch.setitem(main_mnist.BLOCK, name, value)
-    args = settings.parse_args(["--model", model], main_mnist.BLOCK, main_mnist.RECIPES, "")
+    args = settings.parse_args(["--model", model], main_mnist.BLOCK, main_mnist.RECIPES)
     with pytest.raises(UserError, match=re.escape(words.format(line=line))):
         settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, args.given)
 
@@ -347,13 +347,13 @@ def test_numbers_take_whole_or_decimal_values_and_a_recipe_s_override_of_the_blo
     monkeypatch.setitem(main_mnist.RECIPES, "FastNet", {**main_mnist.RECIPES["FastNet"], "CROP_P": 0})
     monkeypatch.setitem(main_mnist.BLOCK, "BATCH_SIZE", 64)
     args = settings.parse_args(["--model", "FastNet", "--crop-p", "0.3", "--epochs", "2.0"], main_mnist.BLOCK,
-                               main_mnist.RECIPES, "")
+                               main_mnist.RECIPES)
     hp, sources, notes = settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, args.given)
     assert hp["CROP_P"] == 0.3 and hp["EPOCHS"] == 2 and type(hp["EPOCHS"]) is int and sources["CROP_P"] == "flag"
     assert sources["BATCH_SIZE"] == "recipe" and "BATCH_SIZE=64" in notes[0] and "RECIPES['FastNet']" in notes[0]
     assert "CROP_P" not in notes[0]  # the flag set it, not the recipe
     monkeypatch.setitem(main_mnist.BLOCK, "LABEL_SMOOTHING", 0)  # "0: off", as its comment says; FastNet12 sets 0.1
-    args = settings.parse_args(["--model", "FastNet12"], main_mnist.BLOCK, main_mnist.RECIPES, "")
+    args = settings.parse_args(["--model", "FastNet12"], main_mnist.BLOCK, main_mnist.RECIPES)
     assert settings.merge(main_mnist.BLOCK, main_mnist.RECIPES, args.given)[0]["LABEL_SMOOTHING"] == 0.1
     monkeypatch.setitem(main_mnist.RECIPES, "FastNet", {"EPOCH": 2})  # a typo
     with pytest.raises(UserError, match=re.escape("RECIPES['FastNet'] in main_mnist.py sets EPOCH, which the block "
