@@ -177,7 +177,8 @@ def report(model, device, train_images, test_images, test_labels, amp, folder):
     temperature = fit_temperature(scores, test_labels)
     threshold = not_sure_threshold((scores / temperature).softmax(dim=1), test_labels)
     (before, ece_before), (after, ece_after) = reliability(probabilities, test_labels), reliability(scaled, test_labels)
-    save_figure(plot_reliability(before, after, temperature), os.path.join(folder, "reliability.png"))
+    save_figure(plot_reliability((before, ece_before), (after, ece_after), temperature),
+                os.path.join(folder, "reliability.png"))
 
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
     size = min(BANK, len(order) // 2)
@@ -194,7 +195,7 @@ def report(model, device, train_images, test_images, test_labels, amp, folder):
           f"error {100 * ece_before:.2f}% as trained, {100 * ece_after:.2f}% at the fitted temperature (saved: "
           f"{temperature:.2f}); \"not sure\" below {100 * threshold:.1f}% confidence. Declined (\"not sure\" or \"not "
           f"a digit\"): {100 * float(declined.double().mean()):.2f}% of the test digits; "
-          f"{100 * int(wrong.sum()) / max(1, int((~declined).sum())):.2f}% of the others read wrongly")
+          f"{100 * int(wrong.sum()) / max(1, int((~declined).sum())):.2f}% of those answered read wrongly")
     knows = {"temperature": temperature, "threshold": threshold, "limits": limits.tolist(),
              "bank": [b.half() for b in bank], "bases": bases}
     return {"test_acc": 100 * float(matrix.diag().sum() / matrix.sum()), "temperature": temperature,

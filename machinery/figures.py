@@ -28,6 +28,7 @@ def plot_metrics(history, lr_curve, title):
             points = [row for row in history if isinstance(row.get(key), (int, float))]
             ax.plot([row["epoch"] for row in points], [row[key] for row in points], marker="o", markersize=3, label=key)
         ax.set(title=name, xlabel="epoch", yscale="log" if name.startswith("loss") else "linear")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     ax = axes[len(panels)]
@@ -77,26 +78,30 @@ def plot_confusion(matrix):
 
 
 def plot_reliability(before, after, temperature):
-    """Reliability diagrams side by side: rows of (mean confidence, accuracy, count) per confidence bin, as trained
-    and temperature-scaled, each half of the test digits at the temperature the other half gave."""
+    """Reliability diagrams side by side: (rows of (mean confidence, accuracy, count) per confidence bin, expected
+    calibration error), as trained and temperature-scaled, each half of the test digits at the temperature the other
+    half gave."""
     fig = Figure(figsize=(12, 5.5), layout="constrained")
-    for ax, (rows, name) in zip(fig.subplots(1, 2), [(before, "as trained"), (after, "temperature-scaled")]):
+    for ax, ((rows, ece), name) in zip(fig.subplots(1, 2), [(before, "as trained"), (after, "temperature-scaled")]):
         rows = [row for row in rows if row is not None]
         ax.plot([0, 1], [0, 1], color="gray", linestyle=":")
         ax.scatter([c for c, _, _ in rows], [a for _, a, _ in rows], s=[20 + 200 * n ** 0.5 / 30 for *_, n in rows])
         for confidence, accuracy, n in rows:
-            ax.annotate(f"{n}", (confidence, accuracy), fontsize=7, xytext=(4, -10), textcoords="offset points")
-        ax.set(xlabel="confidence", ylabel="accuracy", title=f"test digits, {name} (count per bin)",
-               xlim=(0, 1.02), ylim=(0, 1.02))
+            ax.annotate(f"{n}", (confidence, accuracy), fontsize=7, xytext=(-4, -10), textcoords="offset points",
+                        ha="right")
+        ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02),
+               title=f"test digits, {name}: ECE {100 * ece:.2f}% (count per bin)")
     fig.suptitle(f"Calibration scored out of sample: each half of the test set at the temperature fitted on the "
                  f"other\n(calibration.pt keeps T = {temperature:.2f}, fitted on all of it)")
     return fig
 
 
-def plot_robustness(curves_by_run):
-    """One panel per family of shifts: each run's accuracy against the shift's strength."""
+def plot_robustness(curves_by_run, count):
+    """One panel per family of shifts: each run's accuracy against the shift's strength, on `count` test digits."""
     families = list(next(iter(curves_by_run.values())))
-    fig = Figure(figsize=(16, 8))
+    fig = Figure(figsize=(16, 8), layout="constrained")
+    fig.suptitle(f"Accuracy on {count:,} test digits, each altered by a family of shifts at growing strength "
+                 f"(the first point: as they are)")
     axes = list(fig.subplots(2, math.ceil(len(families) / 2)).flat)
     for ax, family in zip(axes, families):
         for label, curves in curves_by_run.items():

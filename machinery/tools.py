@@ -164,7 +164,7 @@ def evaluate_only(path, device, hp, argv):
         curves = robustness_curves(model, device, test_loader.images[:count], labels[:count])
         rows = [dict(family=f, strength=s, accuracy=round(a, 2)) for f, points in curves.items() for s, a in points]
         runs.write_file(folder, "robustness.csv", lambda f: f.write(runs.csv_text(rows).encode()))
-        runs.save_figure(plot_robustness({name: curves}), os.path.join(folder, "robustness.png"))
+        runs.save_figure(plot_robustness({name: curves}, count), os.path.join(folder, "robustness.png"))
         shifted = [a for family, points in curves.items() for s, a in points if s != FAMILIES[family][1][0]]
         record["robustness_mean"] = sum(shifted) / len(shifted)
         runs.save_torch(folder, runs.CALIBRATION, knows)  # then the weights, as a run saves them: `predict.py --model
