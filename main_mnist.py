@@ -173,7 +173,8 @@ def train_run(args):
                 raise UserError(f"the test loss became {test_loss}: the lr is too high for this model (try a tenth)")
             step_epoch_schedule(scheduler, test_loss)
             history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-                                test_acc=test_acc, lr=step_lrs[0], seconds=time.perf_counter() - start))
+                                test_acc=test_acc, lr=sum(step_lrs) / len(step_lrs),  # the mean of its steps' lrs
+                                seconds=time.perf_counter() - start))
             lr_curve += [[epoch - 1 + i / len(step_lrs), lr] for i, lr in enumerate(step_lrs)][::len(step_lrs) // 25
                                                                                                  or 1]  # 25 an epoch
             runs.save_epoch(folder, record, dict(  # runs.CHECKPOINT_KEYS, and where each setting came from at the start
