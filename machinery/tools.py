@@ -104,12 +104,11 @@ def load_model(path, device):
             break
         except (RuntimeError, TypeError, AttributeError, ValueError) as error:
             lines = str(error).strip().splitlines() or [type(error).__name__]  # torch's: a title, then a line a key
-            reason = lines[min(1, len(lines) - 1)].strip()[:150] + (f"...; {len(lines) - 2} more" if len(lines) > 2
-                                                                       else "")
-    else:  # run.json names the model: its layers in model.py changed since the run
-        raise UserError(f"{path} holds a {name} that model.py's {name} no longer takes: its layers or arguments "
-                        f"changed since ({reason})"
-                        if name in MODELS else f"{path} holds the weights of no model in model.py ({', '.join(MODELS)})")
+            reason = (lines[1:] or lines)[0].strip()[:150] + (f"...; {len(lines) - 2} more" if len(lines) > 2 else "")
+    else:
+        if name in MODELS:  # run.json names it: its layers or arguments in model.py changed since the run
+            raise UserError(f"{path} holds a {name} that model.py's {name} no longer takes ({reason})")
+        raise UserError(f"{path} holds the weights of no model in model.py ({', '.join(MODELS)})")
     damaged = [key for key, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if damaged:
         raise UserError(f"{path}: {damaged[0]} is not all numbers (NaN or infinite): the run that saved it failed, or "

@@ -115,7 +115,7 @@ def test_a_run_whose_model_changed_in_model_py_since_is_named_so(trained, tmp_pa
     for name in (runs.FINAL_MODEL, runs.RECORD):
         shutil.copy(os.path.join(trained, name), tmp_path)
     monkeypatch.setitem(model_py.MODELS, "FastNet", model_py.CompactNet)  # as if a learner rewrote FastNet's layers
-    with pytest.raises(UserError, match=r"holds a FastNet that model.py's FastNet no longer takes: .+ \(Missing key"):
+    with pytest.raises(UserError, match=r"holds a FastNet that model.py's FastNet no longer takes \(Missing key"):
         load_model(str(tmp_path), torch.device("cpu"))
 
 
