@@ -8,7 +8,8 @@ For each model.pt (a finished run's), the answers predict.py gives, with the run
     on (TUNING_KINDS) and five added after it was, that nothing was tuned on (HELD_OUT_KINDS);
   - the 1,797 handwritten digits of the UCI set (43 writers, none of MNIST's; scikit-learn ships them:
     pip install scikit-learn), and 1,000 MNIST test digits photographed (dark ink on light paper, larger,
-    off-centre, with sensor noise), both read through predict.py's path (images.to_mnist).
+    off-centre, with sensor noise), and 1,000 others photographed grainier and lit from one side, all read through
+    predict.py's path (images.to_mnist).
 Three rules are compared on the same images: confidence alone ("not sure" below the run's threshold), nearest
 neighbour on the input of the last layer only, and what predict.py uses: nearest neighbour on the inputs of the
 last two layers, then confidence.
@@ -216,12 +217,14 @@ HELD_OUT_KINDS = {"other scripts": other_scripts, "symbols": symbols, "filled re
 KINDS = {**TUNING_KINDS, **HELD_OUT_KINDS}
 
 
-def photo_of(digit, rng):
-    """A MNIST digit as a user's photo of it: dark ink on light paper, larger, off-centre, with sensor noise."""
+def photo_of(digit, rng, grain=3, slope=0):
+    """A MNIST digit as a user's photo of it: dark ink on light paper, larger, off-centre, with a sensor's grain (its
+    spread in grey levels) and light that grows by `slope` levels from left to right."""
     enlarged = Image.fromarray(np.uint8(225 - 185 * (digit.numpy() / 255))).resize((84, 84), Image.BICUBIC)
     canvas = Image.new("L", (200, 160), 225)
     canvas.paste(enlarged, (int(rng.integers(0, 116)), int(rng.integers(0, 76))))
-    return Image.fromarray(np.uint8((np.asarray(canvas) + rng.normal(0, 3, (160, 200))).clip(0, 255)))
+    light = slope * (np.arange(200) / 199 - 0.5)
+    return Image.fromarray(np.uint8((np.asarray(canvas) + light + rng.normal(0, grain, (160, 200))).clip(0, 255)))
 
 
 def image_sets(data_dir, each):
@@ -239,6 +242,8 @@ def image_sets(data_dir, each):
         print("Note: no scikit-learn, so no UCI digits (pip install scikit-learn)")
     sets["photographed test digits"] = (torch.stack([to_mnist(photo_of(d, noise)) for d in images[:1000]]),
                                         labels[:1000])
+    sets["... grainy, lit from one side"] = (torch.stack([to_mnist(photo_of(d, noise, grain=12, slope=50))
+                                                          for d in images[1000:2000]]), labels[1000:2000])
     return sets
 
 
