@@ -65,8 +65,6 @@ def to_mnist(image, name="the image"):
         pixels = pixels[0, 0].numpy()
     if paper > 0.5:  # light paper: inverted, as MNIST's ink is light on black
         pixels, paper = 1 - pixels, 1 - paper
-    if float(pixels.max()) - paper < MIN_CONTRAST:
-        raise UserError(f"{name} is blank: nothing in it stands out from its background")
     span = float(pixels.max()) - paper  # light that falls unevenly: a plane through the paper of each edge, where
     left, right, top, bottom = (float(np.median(np.append(side[np.abs(side - paper) < span / 4], paper)))
                                 for side in (pixels[:, 0], pixels[:, -1], pixels[0], pixels[-1]))
@@ -75,6 +73,8 @@ def to_mnist(image, name="the image"):
         pixels = pixels - ((right - left) * (np.arange(width) / (width - 1) - 0.5) + (bottom - top) * (
             np.arange(height)[:, None] / (height - 1) - 0.5)).astype(np.float32)
     ink = float(pixels.max())
+    if ink - paper < MIN_CONTRAST:  # (light alone that falls unevenly is no ink)
+        raise UserError(f"{name} is blank: nothing in it stands out from its background")
     low = paper + INK_LEVEL * (ink - paper)  # a faint pencil is stretched to full ink, as MNIST's strongest is 1
     pixels = np.clip((pixels - low) / (ink - low), 0, 1)
     rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
