@@ -73,7 +73,7 @@ def to_mnist(image, name="the image"):
         pixels = pixels - ((right - left) * (np.arange(width) / (width - 1) - 0.5) + (bottom - top) * (
             np.arange(height)[:, None] / (height - 1) - 0.5)).astype(np.float32)
     ink = float(pixels.max())
-    if ink - paper < MIN_CONTRAST:  # (light alone that falls unevenly is no ink)
+    if ink - paper < MIN_CONTRAST:
         raise UserError(f"{name} is blank: nothing in it stands out from its background")
     low = paper + INK_LEVEL * (ink - paper)  # a faint pencil is stretched to full ink, as MNIST's strongest is 1
     pixels = np.clip((pixels - low) / (ink - low), 0, 1)

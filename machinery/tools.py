@@ -67,7 +67,8 @@ def compare(folders, out_dir):
     for line in damaged + missing:
         print(runs.printable(line))
     real = [(row, made, history) for row, made, history in table if history and not made.get("DRY_RUN")]
-    drawn = real or [(row, made, history) for row, made, history in table if history]
+    dry = [(row, made, history) for row, made, history in table if history and made.get("DRY_RUN")]
+    drawn = real or dry
     shown = [name for name in differ if len({repr(made.get(name)) for _, made, _ in drawn}) > 1 and name not in
              ("MODEL", "structure", "code", "DATA_DIR", "OUT_DIR")]  # the model is in the run's name; hashes and
     if drawn:                                                            # folders tell no one apart at a glance
@@ -78,8 +79,7 @@ def compare(folders, out_dir):
             curves.append((" ".join([row["run"], *words]).replace("$", r"\$"), history))  # a $ would start TeX
         runs.save_figure(plot_comparison(curves), os.path.join(out_dir, "comparison.png"))
         print(f"Saved: {runs.printable(os.path.join(out_dir, 'comparison.png'))}" + (
-            " (dry runs only)" if not real else " (dry runs left out)" if any(
-                history and made.get("DRY_RUN") for _, made, history in table) else ""))
+            " (dry runs only)" if not real else " (dry runs left out)" if dry else ""))
     return 1 if missing else 0
 
 
