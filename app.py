@@ -87,7 +87,7 @@ def make_server(model, knows, device, port=7860):
             if not 0 < size <= LARGEST_REQUEST:
                 self.close_connection = True  # the body is never read
                 refusal = {"error": f"send an image of 1 to {LARGEST_REQUEST:,} bytes, its Content-Length a number"}
-                return self.reply(413 if size >= 0 else 400, json.dumps(refusal).encode())
+                return self.reply(413 if size > LARGEST_REQUEST else 400, json.dumps(refusal).encode())
             try:
                 image = open_image(io.BytesIO(self.rfile.read(size)), "The image sent", LARGEST_IMAGE)
                 digit = to_mnist(image, "The drawing")

@@ -1,7 +1,7 @@
 """The training augmentation, done on the device a batch at a time: random_augment() draws each image's parameters
 from the run's settings, then moves the images.
 
-To add a kind: give it a setting in a recipe of main_mnist.py (0: off), a draw and a transform in random_augment(),
+To add a kind: give it a setting in the block of main_mnist.py (0: off), a draw and a transform in random_augment(),
 and, if it moves pixels, a matrix for affine(). docs/changing.md walks through SHIFT, added this way.
 """
 import torch

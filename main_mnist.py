@@ -86,7 +86,7 @@ def loss_function(model, hp):
 
 
 def check_forward(model, loader):
-    """The model's output on a batch: [batch, 10] log-probabilities (log_softmax), or a one-line reason why not.
+    """Checks that the model gives a batch [batch, 10] log-probabilities (log_softmax); UserError saying why not.
     A model that fails in channels_last and not without it (a .view that flattens, as the original's) is moved."""
     model.eval()
     with torch.no_grad():
@@ -104,7 +104,7 @@ def check_forward(model, loader):
                   "contiguous one; with x.flatten(1) it could use channels_last, 1.2-1.3x faster on a CPU")
     if output.shape != (len(images), 10) or not torch.allclose(output.logsumexp(1), torch.zeros(len(images)),
                                                                atol=1e-3):
-        raise UserError(f"the model must return log-probabilities [batch, 10] (F.log_softmax(x, dim=1)), not " + (
+        raise UserError("the model must return log-probabilities [batch, 10] (F.log_softmax(x, dim=1)), not " + (
             f"values of shape {list(output.shape)} for {len(images)} images" if output.shape != (len(images), 10)
             else "raw scores"))
 
@@ -142,7 +142,7 @@ def train_run(args):
     model_summary(model)
     history, lr_curve = [], []
     if checkpoint:  # where the run stopped: the optimizer's line shows the state it goes on from
-        model.load_state_dict(checkpoint["model"])
+        runs.load_weights(model, checkpoint["model"], args.resume)  # or model.py's layers changed since
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         history, lr_curve = list(checkpoint["history"]), list(checkpoint["lr_curve"])
@@ -177,15 +177,15 @@ def train_run(args):
                                 seconds=time.perf_counter() - start))
             lr_curve += [[epoch - 1 + i / len(step_lrs), lr] for i, lr in enumerate(step_lrs)][::len(step_lrs) // 25
                                                                                                  or 1]  # 25 an epoch
-            runs.save_epoch(folder, record, dict(  # runs.CHECKPOINT_KEYS, and where each setting came from at the start
-                id=record["id"], settings=dict(hp), sources=checkpoint.get("sources") if checkpoint else sources,
+            runs.save_epoch(folder, record, dict(  # runs.CHECKPOINT_KEYS; where each setting came from, which were read
+                id=record["id"], settings=dict(hp), read=sorted(hp.read),
+                sources=checkpoint.get("sources") if checkpoint else sources,
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 history=history, lr_curve=lr_curve, random_state=runs.random_state()))
             print(f"Epoch {epoch}/{hp['EPOCHS']}: " + runs.row_text(history[-1]))
         from machinery.evaluation import report  # (the end of the run, done again by a resume that finds no epoch)
-        count = 2000 if hp["DRY_RUN"] else len(test_loader.labels)  # a dry run reports on a fifth of the test set
-        record["calibration"], knows = report(model, device, train_loader.images[:2 * count],
-                                              test_loader.images[:count], test_loader.labels[:count].cpu(), amp, folder)
+        record["calibration"], knows = report(model, device, train_loader.images, test_loader.images,
+                                              test_loader.labels, amp, folder, hp["DRY_RUN"])
         record.update(model_pt_epoch=history[-1]["epoch"], unused_settings=sorted(set(hp) - hp.read))
         runs.save_torch(folder, runs.CALIBRATION, knows)
         runs.save_torch(folder, runs.FINAL_MODEL, getattr(model, "_orig_mod", model).state_dict())
@@ -210,7 +210,7 @@ def main(argv=None):
         device = pick_device(hp["DEVICE"])
         if args.eval_only:
             from machinery.tools import evaluate_only
-            return evaluate_only(args.eval_only, device, hp, args.argv)
+            return evaluate_only(args.eval_only, device, hp, args.argv, args.given)
         from machinery.tools import find_lr
         loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, 20 if hp["DRY_RUN"] else None, hp,
                                  hp["DATASET"])

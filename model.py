@@ -67,7 +67,7 @@ class FastNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = _conv_bn_relu(1, 16, 5, stride=2)   # 16x12x12, RF 5
-        self.conv2 = _conv_bn_relu(16, 64, 3, stride=2)  # 64x5x5, RF 13
+        self.conv2 = _conv_bn_relu(16, 64, 3, stride=2)  # 64x5x5, RF 9
         self.fc1 = nn.Sequential(nn.Linear(1600, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU(inplace=True))
         self.fc2 = nn.Linear(128, 10)                     # 10 digit classes
 

@@ -27,12 +27,13 @@ UNCALIBRATED = {"temperature": 1.0, "threshold": 0.9}  # for a model.pt that no 
 
 
 def newest_model(parent=None):
-    """The model.pt of the newest finished run under `parent` (main_mnist.py's OUT_DIR) that is not a dry run."""
+    """The model.pt of the newest finished training run under `parent` (main_mnist.py's OUT_DIR), not a dry run:
+    an --eval-only folder holds a copy of what it scored, which may be a dry run's or a stopped run's."""
     parent, found = parent or read_block()["OUT_DIR"], []
     for path in glob.glob(os.path.join(glob.escape(parent), "*", runs.FINAL_MODEL)):
         with contextlib.suppress(UserError, OSError, KeyError, TypeError):  # a record of older code, or damaged
             record = runs.read_json(os.path.join(os.path.dirname(path), runs.RECORD))
-            if record["status"] == "finished" and not record["settings"]["DRY_RUN"]:
+            if record["status"] == "finished" and record["mode"] == "train" and not record["settings"]["DRY_RUN"]:
                 found.append((os.path.getmtime(path), path))
     if not found:
         raise UserError(f"no finished run in {parent}/ (dry runs aside): train one with `python3 main_mnist.py`, or "
@@ -85,7 +86,6 @@ def main(argv=None):
     parser.add_argument("--model", metavar="PATH", help="a model.pt (default: the newest finished run's)")
     parser.add_argument("--out", metavar="PATH", default="predictions.png", help="where to draw the first images")
     args = parser.parse_args(argv)
-    failed = 0
     with runs.errors_in_one_line():
         paths, failed = image_paths(args.images)
         check_out(args.out, paths)

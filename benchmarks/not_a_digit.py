@@ -248,11 +248,13 @@ def image_sets(data_dir, each):
 
 
 def declined(model, knows, images, labels):
-    """{rule: (% declined, % right among the rest or None)} of the three rules compared."""
+    """{rule: (% declined, % right among the rest or None)} of the rules compared."""
     probabilities, distance = read(model, torch.device("cpu"), images, knows)
-    rules = {"confidence alone": {**knows, "limits": [math.inf, math.inf]},
-             "nearest neighbour, last layer": {**knows, "limits": [math.inf, knows["limits"][-1]]},
-             "nearest neighbour, last two layers (predict.py)": knows}
+    off = dict(thickest=math.inf)
+    rules = {"confidence alone": {**knows, **off, "limits": [math.inf, math.inf]},
+             "nearest neighbour, last layer": {**knows, **off, "limits": [math.inf, knows["limits"][-1]]},
+             "nearest neighbour, last two layers": {**knows, **off},
+             "and the thickest ink (predict.py)": knows}
     result = {}
     for rule, used in rules.items():
         answers = [answer(p, d, used) for p, d in zip(probabilities, distance)]
@@ -272,17 +274,18 @@ def main():
     sets = image_sets(args.data_dir, args.each)
     for path in args.models:
         name, model, knows = load_model(path, torch.device("cpu"))
-        if "bank" not in knows:  # a bare state_dict: its run's end-of-run report is made again, as main_mnist.py does
+        if "bank" not in knows:  # a bare state_dict or an older calibration: the end-of-run report is made again
             with tempfile.TemporaryDirectory() as folder:
                 train_images = load_mnist(args.data_dir, train=True)[0][:20000]
                 knows = report(model, torch.device("cpu"), train_images, (sets["MNIST test digits"][0] * 255).byte(),
                                sets["MNIST test digits"][1], False, folder)[1]
-        print(f"\n{name} from {path}\n\n| images | " + " | ".join(declined(model, knows, *sets["MNIST test digits"]))
-              + " |\n|---|---|---|---|")
-        for set_name, (images, labels) in sets.items():
+        print(f"\n{name} from {path}\n")
+        for number, (set_name, (images, labels)) in enumerate(sets.items()):
+            rules = declined(model, knows, images, labels)
+            if number == 0:
+                print("| images | " + " | ".join(rules) + " |\n" + "|---" * (len(rules) + 1) + "|")
             set_name += " (held out)" if set_name in HELD_OUT_KINDS else ""
-            cells = [f"{d:.1f}%" + (f" ({r:.2f}% right)" if r is not None else "")
-                     for d, r in declined(model, knows, images, labels).values()]
+            cells = [f"{d:.1f}%" + (f" ({r:.2f}% right)" if r is not None else "") for d, r in rules.values()]
             print(f"| {set_name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -31,8 +31,10 @@ def main():
         done = [f for f in (os.listdir(parent) if os.path.isdir(parent) else [])
                 if os.path.isfile(os.path.join(parent, f, "model.pt"))]
         if not done:
-            subprocess.run([sys.executable, os.path.join(REPO, "main_mnist.py"), "--model", args.model, "--seed",
-                            str(seed), "--out-dir", parent, *args.extra], check=True, capture_output=True)
+            ran = subprocess.run([sys.executable, os.path.join(REPO, "main_mnist.py"), "--model", args.model, "--seed",
+                                  str(seed), "--out-dir", parent, *args.extra], capture_output=True, text=True)
+            if ran.returncode:
+                sys.exit(f"seed {seed}: {(ran.stderr.strip().splitlines() or ['failed'])[-1]}")
             done = [f for f in os.listdir(parent) if os.path.isfile(os.path.join(parent, f, "model.pt"))]
         with open(os.path.join(parent, sorted(done)[-1], "metrics.csv")) as f:
             rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

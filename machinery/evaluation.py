@@ -8,6 +8,8 @@ at the inputs of the model's last two layers with weights, lie farther from thos
 digits than nearly all other training digits do, is no digit the model knows. Wide features are kept in the
 PROJECTED directions that hold most of the bank's (uncentred principal components), each at its whole length: what
 an image has off those directions still counts as distance, so the bank measures as the unprojected one did.
+And what no training digit has, ink thicker than any of their strokes, is no digit either: a filled oval lies
+among the 0s in those features.
 """
 import math
 import os
@@ -106,20 +108,39 @@ def limits_of(features, bank):
     return d.quantile(KEPT, dim=0)
 
 
+def ink_depth(images):
+    """How many 3x3 erosions the ink (above half) of each 28x28 image, uint8 or in [0, 1], survives: a training
+    digit's strokes 1 to 5, a filled square of side 11 six. The edges count as ink, so a page all ink counts 14."""
+    ink = images.reshape(-1, 28, 28) > (127 if images.dtype == torch.uint8 else 0.5)
+    depth, alive = torch.zeros(len(ink)), torch.arange(len(ink))
+    for _ in range(14):
+        kept = ink.flatten(1).any(dim=1)  # only the images with ink left are eroded again: most digits go by 3
+        ink, alive = ink[kept], alive[kept]
+        depth[alive] += 1
+        across = ink.clone()  # a pixel stays where its neighbours left and right are ink, then above and below
+        across[:, :, 1:] &= ink[:, :, :-1]
+        across[:, :, :-1] &= ink[:, :, 1:]
+        ink = across.clone()
+        ink[:, 1:] &= across[:, :-1]
+        ink[:, :-1] &= across[:, 1:]
+    return depth
+
+
 def answer(probabilities, distance, knows):
     """What an image is read as: "not a digit", "not sure", or the digit."""
-    if distance is not None and bool((distance > torch.tensor(knows["limits"])).any()):
+    if distance is not None and bool((distance > torch.tensor(knows["limits"] + [knows["thickest"]])).any()):
         return "not a digit"
     confidence, digit = probabilities.max(dim=0)
     return int(digit) if float(confidence) >= knows["threshold"] else "not sure"
 
 
 def read(model, device, images, knows):
-    """(probabilities [N, 10] at the run's temperature, distances [N, layers] or None) of 28x28 images in [0, 1]."""
+    """(probabilities [N, 10] at the run's temperature, [N, layers + 1] or None: the distances, then the ink's depth)
+    of 28x28 images in [0, 1]; answer() reads them against the limits and the thickest training digit's depth."""
     bank = knows.get("bank")
     scores, features = outputs(model, device, images, features=bank is not None)
-    return ((scores / knows["temperature"]).softmax(dim=1),
-            distances(project(features, knows["bases"]), bank) if bank is not None else None)
+    return ((scores / knows["temperature"]).softmax(dim=1), torch.cat(
+        [distances(project(features, knows["bases"]), bank), ink_depth(images)[:, None]], dim=1) if bank else None)
 
 
 def fit_temperature(scores, labels):
@@ -154,12 +175,16 @@ def not_sure_threshold(probabilities, labels):
     return min(threshold, float(confidence.double().quantile(MOST_UNSURE)))
 
 
-def report(model, device, train_images, test_images, test_labels, amp, folder):
+def report(model, device, train_images, test_images, test_labels, amp, folder, dry_run=False):
     """The end of a run: per-class accuracy, misclassified.png, confusion_matrix.png, reliability.png; returns (what
-    run.json records of it, what predict.py answers with: {temperature, threshold, limits, bank, bases}). The
+    run.json records of it, what predict.py answers with: {temperature, threshold, limits, bank, bases, thickest}). The
     temperature and "not sure" threshold saved are fitted on the test set; those the run reports are scored out of
     sample, each half of the test set at the values the other half gave. The bank and the "not a digit" limits come
-    from training digits (BANK of them, and LIMIT_SET others to set the limits), chosen the same for every seed."""
+    from training digits (BANK of them, and LIMIT_SET others to set the limits), chosen the same for every seed, and
+    so does the thickest ink: beyond the depth of every one of them, an image is no digit. A dry run reports on a
+    fifth of the test set, and twice as many training digits."""
+    count = 2000 if dry_run else len(test_labels)
+    train_images, test_images, test_labels = train_images[:2 * count], test_images[:count], test_labels[:count].cpu()
     scores, test_features = outputs(model, device, test_images, amp)
     probabilities = scores.exp()
     matrix = torch.bincount(test_labels * 10 + probabilities.argmax(1), minlength=100).reshape(10, 10)
@@ -182,14 +207,16 @@ def report(model, device, train_images, test_images, test_labels, amp, folder):
 
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
     size = min(BANK, len(order) // 2)
-    _, features = outputs(model, device, train_images[order[:size + min(LIMIT_SET, size)]], amp)
+    chosen = train_images[order[:size + min(LIMIT_SET, size)]]
+    _, features = outputs(model, device, chosen, amp)
+    thickest = float(ink_depth(chosen).max())
     bases = [principal(f[:BASIS_FROM]) for f in features]
     features = project(features, bases)
     bank = [f[:size] for f in features]
     limits = limits_of([f[size:] for f in features], bank)
     confidence, predicted = scaled.max(dim=1)
     declined = ((distances(project(test_features, bases), bank, above=limits) > limits).any(dim=1)
-                | (confidence < thresholds))
+                | (ink_depth(test_images) > thickest) | (confidence < thresholds))
     wrong = (predicted != test_labels) & ~declined
     print(f"Calibration (each half of the test digits scored at what the other half fitted): expected calibration "
           f"error {100 * ece_before:.2f}% as trained, {100 * ece_after:.2f}% at the fitted temperature (saved: "
@@ -197,9 +224,9 @@ def report(model, device, train_images, test_images, test_labels, amp, folder):
           f"a digit\"): {100 * float(declined.double().mean()):.2f}% of the test digits; "
           f"{100 * int(wrong.sum()) / max(1, int((~declined).sum())):.2f}% of those answered read wrongly")
     knows = {"temperature": temperature, "threshold": threshold, "limits": limits.tolist(),
-             "bank": [b.half() for b in bank], "bases": bases}
+             "bank": [b.half() for b in bank], "bases": bases, "thickest": thickest}
     return {"test_acc": 100 * float(matrix.diag().sum() / matrix.sum()), "temperature": temperature,
-            "threshold": threshold, "not_a_digit_limits": limits.tolist(),
+            "threshold": threshold, "not_a_digit_limits": limits.tolist(), "thickest_ink": thickest,
             "ece_before": ece_before, "ece_after_out_of_sample": ece_after,
             "test_declined_out_of_sample": float(declined.double().mean())}, knows
 

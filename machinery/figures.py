@@ -100,8 +100,8 @@ def plot_robustness(curves_by_run, count):
     """One panel per family of shifts: each run's accuracy against the shift's strength, on `count` test digits."""
     families = list(next(iter(curves_by_run.values())))
     fig = Figure(figsize=(16, 8), layout="constrained")
-    fig.suptitle(f"Accuracy on {count:,} test digits, each altered by a family of shifts at growing strength "
-                 f"(the first point: as they are)")
+    fig.suptitle(f"Accuracy on {count:,} test digits, each altered by a family of shifts (as they are: at 0, or at "
+                 f"1 for scale and contrast)")
     axes = list(fig.subplots(2, math.ceil(len(families) / 2)).flat)
     for ax, family in zip(axes, families):
         for label, curves in curves_by_run.items():

@@ -39,14 +39,18 @@ def open_image(source, name, max_pixels=MAX_PIXELS):
 
 
 def grey(image):
-    """A float32 array in [0, 1] (0 black) of a PIL image; transparency is laid over white paper."""
+    """A float32 array in [0, 1] (0 black) of a PIL image; transparency is laid over paper of the opposite shade
+    to what is opaque: black ink on a clear page is on white, white ink (as a canvas exports MNIST's) on black."""
     if image.mode in ("I", "I;16", "F"):  # no fixed white: scaled by the image's own range
         pixels = np.asarray(image, dtype=np.float64)
         if not np.isfinite(pixels).all():
             raise UserError("the image has NaN or infinite pixels: save it as an 8-bit image")
         return ((pixels - pixels.min()) / max(float(np.ptp(pixels)), 1e-12)).astype(np.float32)
     if image.mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+        image = image.convert("RGBA")
+        opaque = np.asarray(image.convert("L"))[np.asarray(image.getchannel("A")) > 127]
+        paper = "black" if opaque.size and opaque.mean() > 127 else "white"
+        image = Image.alpha_composite(Image.new("RGBA", image.size, paper), image)
     return np.asarray(image.convert("L"), dtype=np.float32) / 255
 
 

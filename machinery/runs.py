@@ -3,6 +3,7 @@ calibration.pt and model.pt at the end. A run has an id (in run.json and every c
 run.json). And the one boundary where an error a person can cause (a bad setting, a damaged file, a full disk, a
 learner's edit that fails, Ctrl-C) becomes one line."""
 import contextlib
+import csv
 import datetime
 import hashlib
 import inspect
@@ -51,8 +52,12 @@ def in_project(path):
     return not relative.startswith(("..", ".venv")) and "site-packages" not in relative
 
 
-def stop(signum, frame):  # SIGTERM and SIGHUP end a run as Ctrl-C does, the exit status saying which
-    raise KeyboardInterrupt(signum)
+STOPPED = []  # the signal that asked this process to stop
+
+
+def stop(signum, frame):  # Ctrl-C, SIGTERM and SIGHUP end a run alike, the exit status saying which
+    STOPPED.append(signum)  # raised where Python happens to be: in a weakref's callback it is only printed, and
+    raise KeyboardInterrupt(signum)  # the run goes on; save_epoch raises it again
 
 
 def one_line(error):
@@ -84,8 +89,9 @@ def errors_in_one_line(show_traceback=False):
     """Around a script's work: an error a person can fix is one line on stderr and a non-zero exit. An error
     raised in the project's code (a layer that does not fit, a learner's typo) names the file and line it came
     from, deepest first; `show_traceback` (--traceback) lets it through whole. SIGTERM and SIGHUP stop as Ctrl-C."""
-    handlers = {number: signal.signal(number, stop) for number in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
-                if number is not None}
+    STOPPED.clear()
+    handlers = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM,
+                                                                   getattr(signal, "SIGHUP", None)) if number}
     try:
         yield
     except UserError as error:
@@ -176,13 +182,33 @@ def load(path, what="checkpoint", needs=()):
     try:
         saved = torch.load(io.BytesIO(read_bytes(path, 2 ** 31)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except Exception as error:  # torch says a damaged file in many ways
-        raise UserError(f"{path} is damaged or no {what} ({first_line(error)[:200]})") from None
+        stopped = os.path.join(os.path.dirname(path), CHECKPOINT)
+        raise UserError(f"{path}: no such file" + (f"; its run has not finished: --resume {stopped}, or name it"
+                                                   if os.path.isfile(stopped) else "")) from None
+    except Exception as error:  # torch says a damaged file in many ways, and a file of no tensors in a paragraph
+        reason = ("it holds more than tensors and numbers, or torch did not write it" if "Weights only" in str(error)
+                  else first_line(error)[:200])
+        raise UserError(f"{path} is damaged or no {what} ({reason})") from None
     missing = [key for key in needs if not isinstance(saved, dict) or key not in saved]
     if missing:
         raise UserError(f"{path} is no {what} of this code (it lacks {', '.join(missing)})")
     return saved
+
+
+def first_mismatch(error):
+    """The first of torch's lines on weights that do not fit a model (a title, then a line a key), and how many more."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return (lines[1:] or lines)[0].strip()[:150] + (f"...; {len(lines) - 2} more" if len(lines) > 2 else "")
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state), or UserError: the model in model.py changed since `path` was saved."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        name = type(getattr(model, "_orig_mod", model)).__name__  # a torch.compile'd model's own
+        raise UserError(f"{path} holds a {name} that model.py's {name} no longer takes ({first_mismatch(error)})") \
+            from None
 
 
 def save_torch(folder, name, data):
@@ -204,8 +230,11 @@ def row_text(row):
 
 def csv_text(rows):
     """Rows (dicts) as CSV, a column for every key any row has, in the order they first appear."""
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    return "\n".join([",".join(keys)] + [",".join(str(row.get(key, "")) for key in keys) for row in rows]) + "\n"
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(dict.fromkeys(key for row in rows for key in row)), lineterminator="\n")
+    writer.writeheader()  # a value with a comma in it ("stroke width (- thinner, + thicker)") is quoted
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,9 +316,12 @@ def alive(pid):
 def resume_folder(path, checkpoint, hp):
     """The folder a resumed run goes on in: its checkpoint's, if its run.json is the same run's and unfinished, else
     None (a new folder). UserError while another process writes that run, or if a finished run has nothing to do."""
-    if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != checkpoint["settings"].get("EPOCHS"):
-        raise UserError("a one-cycle run's length is set when it starts: resume it without --epochs, or start anew")
     folder, done = os.path.dirname(os.path.abspath(path)), len(checkpoint["history"])
+    finished = f"{path}: its run is finished ({done} of {done} epochs); "
+    onecycle = "a one-cycle run's length is set when it starts: "
+    if hp["SCHEDULE"] == "onecycle" and hp["EPOCHS"] != checkpoint["settings"].get("EPOCHS"):
+        raise UserError(finished + onecycle + "start a new run to train longer" if done >= checkpoint["settings"][
+            "EPOCHS"] else onecycle + "resume it without --epochs, or start anew")
     try:
         record = read_json(os.path.join(folder, RECORD))
     except UserError:
@@ -301,20 +333,24 @@ def resume_folder(path, checkpoint, hp):
         raise UserError(f"{folder} is being written by process {record['pid']}: wait for it to end, or stop it "
                         f"(Ctrl-C, kill {record['pid']}) and resume then")
     if record.get("status") != "finished":
+        if record.get("code") != code_version():
+            print("Note: the project's .py files changed since this run began (a layer? the loss?): it goes on with "
+                  "them as they are now")
         for name in os.listdir(folder):  # what a killed writer (kill -9, power off) left half-written
             if name.startswith(".") and name.endswith(".tmp"):
                 os.remove(os.path.join(folder, name))
         return folder
     if done >= hp["EPOCHS"]:
-        raise UserError(f"{path}: its run is finished ({done} of {done} epochs); " + (
-            "a one-cycle run's length is set when it starts: start a new run to train longer"
-            if hp["SCHEDULE"] == "onecycle" else f"--epochs N, N over {done}, trains it further in a new folder"))
+        raise UserError(finished + (onecycle + "start a new run to train longer" if hp["SCHEDULE"] == "onecycle"
+                                    else f"--epochs N, N over {done}, trains it further in a new folder"))
     print(f"Note: the run of {printable(path)} is finished: its {hp['EPOCHS'] - done} more epochs go into a new folder")
     return None
 
 
 def save_epoch(folder, record, checkpoint):
     """Each epoch's files: checkpoint.pt first (what --resume goes on from), then what reports it."""
+    if STOPPED:  # a stop that Python swallowed (see stop) ends the run here, at the latest
+        raise KeyboardInterrupt(STOPPED[0])
     save_torch(folder, CHECKPOINT, checkpoint)
     history = checkpoint["history"]
     write_file(folder, METRICS, lambda f: f.write(csv_text(history).encode()))

@@ -8,7 +8,6 @@ import inspect
 import math
 import os
 import re
-import sys
 import textwrap
 
 from machinery.runs import CHECKPOINT, file_in, printable
@@ -37,7 +36,7 @@ class Settings(dict):
 
     def __getitem__(self, name):
         if name not in self:  # hp["l1"] for L1: the name it likely meant
-            close = difflib.get_close_matches(str(name).upper(), self, n=1)
+            close = difflib.get_close_matches(str(name).upper(), self, n=1, cutoff=0.7)
             raise KeyError(f"{name!r} is no setting" + (f": {close[0]}?" if close else " of the block"))
         self.read.add(name)
         return super().__getitem__(name)
@@ -92,21 +91,23 @@ def parse_args(argv, block, recipes):
     modes.add_argument("--compare", nargs="*", metavar="RUN_DIR", help="train nothing: these runs side by side "
                                                                        "(default: every run in OUT_DIR)")
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.argv = list(argv)
     args.resume = args.resume and file_in(args.resume, CHECKPOINT)
     args.given = {name: getattr(args, name) for name in block if hasattr(args, name)}
+    if args.eval_only and "MODEL" in args.given:
+        parser.error("--eval-only reads the model from MODEL_PT (its run.json, or its weights); leave out --model")
     return args
 
 
 def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
     """(settings, the source of each, notes) of a run: the block, the recipe of its MODEL over it, then the flags;
     for a resumed run, the settings saved in its checkpoint over the block and recipe, and only RESUMABLE ones
-    changed by flags. Each value checked; a value the recipe overrides, or one edited in the block or recipe since
-    the checkpoint, is said."""
+    changed by flags. Each value checked; a value the recipe overrides, or one edited in or added to the block or
+    recipe since the checkpoint, is said."""
     for model, recipe in recipes.items():
         unknown = sorted(set(recipe) - set(block))
         if unknown:
-            close = difflib.get_close_matches(unknown[0], block, n=1)
+            close = difflib.get_close_matches(unknown[0], block, n=1, cutoff=0.7)
             raise UserError(f"RECIPES[{model!r}] in main_mnist.py sets {unknown[0]}, which the block above it does not "
                             f"have" + (f": {close[0]}?" if close else ": add it there first"))
     saved = dict(checkpoint["settings"]) if checkpoint else {}
@@ -130,10 +131,16 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
         if edited:
             notes.append(f"edited since {where}: {', '.join(f'{n}={now[n]!r}' for n in edited)}; the run goes on "
                          f"with its own {', '.join(f'{n}={saved[n]!r}' for n in edited)}")
+        new = [f"{name}={hp[name]!r}" for name in now if name not in saved and name not in given]
+        if new:
+            notes.append(f"new since {where}: {', '.join(new)}; the run goes on with them, though its first "
+                         f"{len(checkpoint['history'])} epochs had none")
     check(block, block, dict.fromkeys(block, "block"), model, where)  # what a recipe overrides too
     notes += [f"{name}={hp[name]!r} ({place(name, sources[name], model, where)}) is a string: a number is written "
               f"without quotes" for name in hp if sources[name] in ("block", "recipe") and reads_as_number(hp[name])]
-    return Settings(check(hp, block, sources, model, where)), sources, notes
+    hp = Settings(check(hp, block, sources, model, where))
+    hp.read.update(checkpoint.get("read", ()) if checkpoint else ())  # what the epochs before a resume read
+    return hp, sources, notes
 
 
 def place(name, source, model, checkpoint):

@@ -1,7 +1,6 @@
 """The modes of main_mnist.py that train nothing for keeps (--compare, --eval-only, --find-lr), and the one place a
 saved model is read back, for them, predict.py and the page."""
 import contextlib
-import copy
 import math
 import os
 import shutil
@@ -15,7 +14,7 @@ from machinery.figures import NOT_PLOTTED, plot_comparison, plot_lr_finder, plot
 from model import MODELS
 from utils import UserError, get_testloader, get_trainloader
 
-ROBUSTNESS_IMAGES = 2000  # test images per point of a robustness curve: a standard error under 1 point
+ROBUSTNESS_IMAGES = 2000  # test images per point of a robustness curve: a standard error of 1.1 points at most
 
 
 def compare(folders, out_dir):
@@ -83,6 +82,15 @@ def compare(folders, out_dir):
     return 1 if missing else 0
 
 
+def built_as(path):
+    """(the model's name, the arguments it was built with, its settings) that the run.json beside path records, or
+    (None, {}, {})."""
+    with contextlib.suppress(UserError, KeyError, TypeError):  # no run.json, or one of older code
+        record = runs.read_json(os.path.join(os.path.dirname(os.path.abspath(path)), runs.RECORD))
+        return record["model"], record["structure"]["arguments"], dict(record["settings"])
+    return None, {}, {}
+
+
 def load_model(path, device):
     """(name, model in eval mode, what it knows to answer with, {} if nothing) of a model.pt (its run.json and
     calibration.pt beside it say which model and how it answers), a checkpoint.pt or a bare state_dict of any model
@@ -92,19 +100,15 @@ def load_model(path, device):
     saved = runs.load(path, "model")  # weights alone, or a checkpoint
     state = saved.get("model", saved) if isinstance(saved, dict) else saved
     folder = os.path.dirname(os.path.abspath(path))
-    name, arguments = None, {}
-    with contextlib.suppress(UserError, KeyError, TypeError):  # no run.json beside it: every model is tried
-        record = runs.read_json(os.path.join(folder, runs.RECORD))
-        name, arguments = record["model"], record["structure"]["arguments"]
-    for candidate in [name] if name in MODELS else list(MODELS):
+    name, arguments, _ = built_as(path)
+    for candidate in [name] if name in MODELS else list(MODELS):  # without a run.json, every model is tried
         try:
             model = MODELS[candidate](**arguments)
             model.load_state_dict(state)
             name = candidate
             break
         except (RuntimeError, TypeError, AttributeError, ValueError) as error:
-            lines = str(error).strip().splitlines() or [type(error).__name__]  # torch's: a title, then a line a key
-            reason = (lines[1:] or lines)[0].strip()[:150] + (f"...; {len(lines) - 2} more" if len(lines) > 2 else "")
+            reason = runs.first_mismatch(error)
     else:
         if name in MODELS:  # run.json names it: its layers or arguments in model.py changed since the run
             raise UserError(f"{path} holds a {name} that model.py's {name} no longer takes ({reason})")
@@ -117,7 +121,7 @@ def load_model(path, device):
     calibration = os.path.join(folder, runs.CALIBRATION)
     if os.path.basename(path) != runs.FINAL_MODEL or not os.path.exists(calibration):
         return name, model, {}
-    keys = ("temperature", "threshold", "limits", "bank", "bases")
+    keys = ("temperature", "threshold", "limits", "bank", "bases", "thickest")
     knows = runs.load(calibration, "calibration")
     missing = [key for key in keys if not isinstance(knows, dict) or key not in knows]
     if missing:  # made by older code: the weights still read digits
@@ -126,10 +130,11 @@ def load_model(path, device):
               file=sys.stderr)
         return name, model, {}
     _, features = outputs(model, device, torch.zeros(1, 28, 28))
-    t, threshold, limits, bank, bases = (knows[key] for key in keys)
+    t, threshold, limits, bank, bases, thickest = (knows[key] for key in keys)
     problems = [what for what, bad in [
         ("its temperature is no positive number", not isinstance(t, (int, float)) or not 0 < t < math.inf),
         ("its threshold is not within 0 to 1", not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1),
+        ("its thickest ink is not within 0 to 14", not isinstance(thickest, (int, float)) or not 0 <= thickest <= 14),
         ("its limits are not one number per layer", not isinstance(limits, list) or len(limits) != len(features)
          or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in limits)),
         ("its bank does not fit the model's features", not isinstance(bank, list) or not isinstance(bases, list) or
@@ -138,29 +143,31 @@ def load_model(path, device):
              torch.is_tensor(basis) and basis.shape == (f.shape[1], b.shape[1]) and torch.isfinite(basis).all())
              for b, basis, f in zip(bank, bases, features)))] if bad]
     if problems:
-        raise UserError(f"{calibration} is damaged: {problems[0]}; resume the run's checkpoint.pt to make it again")
+        raise UserError(f"{calibration} is damaged: {problems[0]}; `python3 main_mnist.py --eval-only {path}` makes "
+                        f"a new one in a folder of its own")
     return name, model, knows
 
 
-def evaluate_only(path, device, hp, argv):
+def evaluate_only(path, device, hp, argv, given):
     """Scores a model.pt on the test set into a new folder of its own: the end-of-run report, robustness curves
-    (robustness.csv, robustness.png), and the model.pt with a calibration.pt made by this code beside it."""
+    (robustness.csv, robustness.png), and the model.pt with a calibration.pt made by this code beside it. The test
+    set is its run's DATASET's, unless --dataset names another."""
     name, model, _ = load_model(path, device)
-    hp["MODEL"] = name
+    _, arguments, trained_with = built_as(runs.file_in(path, runs.FINAL_MODEL))  # what load_model built it with
+    hp["MODEL"], hp["DATASET"] = name, given.get("DATASET", trained_with.get("DATASET", hp["DATASET"]))
     test_loader = get_testloader(hp["DATA_DIR"], hp["TEST_BATCH_SIZE"], device, dataset=hp["DATASET"])
     train_images = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, dataset=hp["DATASET"]).images
     folder = runs.new_folder(hp["OUT_DIR"], f"{name}_eval")
     print(f"Evaluating {name} from {runs.printable(path)}; its files go to {runs.printable(folder)}")
-    record = runs.new_record(hp, model, device, False, argv, mode="eval-only", evaluated=os.path.abspath(path))
-    count = 2000 if hp["DRY_RUN"] else len(test_loader.labels)  # a dry run scores a fifth of the test set
+    record = runs.new_record(hp, model, device, False, argv, mode="eval-only", evaluated=os.path.abspath(path),
+                             arguments=arguments)
     with runs.recorded(folder, record):
         runs.save_record(folder, record)
-        labels = test_loader.labels[:count].cpu()
-        record["calibration"], knows = report(model, device, train_images[:2 * count], test_loader.images[:count],
-                                              labels, False, folder)
+        record["calibration"], knows = report(model, device, train_images, test_loader.images, test_loader.labels,
+                                              False, folder, hp["DRY_RUN"])
         record["final_test_acc"] = record["calibration"]["test_acc"]
         count = 100 if hp["DRY_RUN"] else ROBUSTNESS_IMAGES
-        curves = robustness_curves(model, device, test_loader.images[:count], labels[:count])
+        curves = robustness_curves(model, device, test_loader.images[:count], test_loader.labels[:count].cpu())
         rows = [dict(family=f, strength=s, accuracy=round(a, 2)) for f, points in curves.items() for s, a in points]
         runs.write_file(folder, "robustness.csv", lambda f: f.write(runs.csv_text(rows).encode()))
         runs.save_figure(plot_robustness({name: curves}, count), os.path.join(folder, "robustness.png"))
@@ -177,32 +184,28 @@ def evaluate_only(path, device, hp, argv):
 def find_lr(model, optimizer, loader, criterion, hp, steps=100, low=1e-7, high=10):
     """Leslie Smith's range test: the lr grows exponentially from `low` to `high`, one batch a step, and the
     smoothed loss is recorded until it passes 4 times its best. Suggests a tenth of the lr of the lowest loss
-    (fastai's rule); lr_finder.png in a new folder. The model and optimizer are left as they were."""
-    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    (fastai's rule); lr_finder.png in a new folder. It trains the model it is given, so give it a fresh one."""
     lrs, losses, smoothed = [], [], None
     model.train()
     batches = iter(())
-    with torch.random.fork_rng(devices=[]):
-        for step in range(steps):
-            lr = low * (high / low) ** (step / (steps - 1))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                data, target = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                data, target = next(batches)
-            optimizer.zero_grad()
-            loss = criterion(model(data), target)
-            loss.backward()
-            optimizer.step()
-            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-            if not math.isfinite(smoothed) or (losses and smoothed > 4 * min(losses)):
-                break
-            lrs.append(lr)
-            losses.append(smoothed)
-    model.load_state_dict(saved[0])
-    optimizer.load_state_dict(saved[1])
+    for step in range(steps):
+        lr = low * (high / low) ** (step / (steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            data, target = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            data, target = next(batches)
+        optimizer.zero_grad()
+        loss = criterion(model(data), target)
+        loss.backward()
+        optimizer.step()
+        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        if not math.isfinite(smoothed) or (losses and smoothed > 4 * min(losses)):
+            break
+        lrs.append(lr)
+        losses.append(smoothed)
     suggestion = lrs[losses.index(min(losses))] / 10
     folder = runs.new_folder(hp["OUT_DIR"], f"{hp['MODEL']}_find-lr")
     runs.save_figure(plot_lr_finder(lrs, losses, suggestion), os.path.join(folder, "lr_finder.png"))

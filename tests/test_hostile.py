@@ -1,5 +1,6 @@
 """What an accident or an attacker does to a run, a model.pt and the data: a checkpoint copied elsewhere, a second
 writer, a killed run, a damaged model.pt, damaged data. Each ends in one line, and nothing a person made is lost."""
+import glob
 import gzip
 import json
 import os
@@ -8,16 +9,16 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
 
-import main_mnist
 import predict
 from conftest import only_run, run_main
 from machinery import runs
 from machinery.tools import load_model
-from utils import load_mnist
+from utils import UserError, load_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,18 @@ def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(data_dir, tmp_path, signum
     assert not [name for name in os.listdir(folder) if name.startswith(".")]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the line Python prints instead
+def test_a_stop_that_python_swallowed_ends_the_run_at_the_next_epoch(capsys, tmp_path):
+    class Thing:
+        pass
+    with pytest.raises(SystemExit) as stopped, runs.errors_in_one_line():
+        thing = Thing()
+        weakref.finalize(thing, runs.stop, signal.SIGTERM, None)  # where SIGTERM met a run 1 time in 15 under load
+        del thing  # its KeyboardInterrupt only printed: "Exception ignored in ..."
+        runs.save_epoch(str(tmp_path), {}, {})
+    assert stopped.value.code == 128 + signal.SIGTERM and os.listdir(tmp_path) == []
+
+
 def test_a_run_stopped_in_its_first_epoch_says_there_is_nothing_to_resume(capsys, tmp_path):
     with pytest.raises(KeyboardInterrupt), runs.recorded(str(tmp_path), {"mode": "train"}):
         raise KeyboardInterrupt
@@ -103,6 +116,7 @@ def test_a_run_stopped_in_its_first_epoch_says_there_is_nothing_to_resume(capsys
     (lambda w, c: c.update(temperature=float("nan")), "temperature is no positive number"),
     (lambda w, c: c.update(temperature=-1.0), "temperature is no positive number"),
     (lambda w, c: c.update(threshold=1.5), "threshold is not within 0 to 1"),
+    (lambda w, c: c.update(thickest="thick"), "thickest ink is not within 0 to 14"),
     (lambda w, c: c["bank"][0].fill_(float("nan")), "bank does not fit"),
     (lambda w, c: c.update(bank=[b[:, :3] for b in c["bank"]]), "bank does not fit"),
     (lambda w, c: c.update(bases=[None for _ in c["bases"]]), "bank does not fit"),
@@ -122,6 +136,12 @@ def test_a_damaged_model_pt_or_calibration_is_one_line_wherever_it_is_read(capsy
         load_model(os.path.join(folder, runs.FINAL_MODEL), torch.device("cpu"))
 
 
+def test_a_model_that_is_no_file_of_torch_is_one_line(trained, tmp_path):
+    shutil.copy(os.path.join(trained, runs.SAMPLES), tmp_path / "model.pt")  # a PNG
+    with pytest.raises(UserError, match=r"is damaged or no model \(it holds more than tensors and numbers, or torch "):
+        load_model(str(tmp_path / "model.pt"), torch.device("cpu"))
+
+
 def test_a_calibration_of_older_code_is_a_note_and_the_digits_are_still_read(capsys, trained, tmp_path):
     folder = shutil.copytree(trained, tmp_path / "run")
     calibration = torch.load(os.path.join(folder, runs.CALIBRATION), weights_only=True)
@@ -137,6 +157,8 @@ def test_the_default_model_is_the_newest_finished_run_that_is_no_dry_run(capsys,
     newest = shutil.copytree(trained, tmp_path / "a-real-run")
     os.utime(os.path.join(newest, runs.FINAL_MODEL))  # newer than every other, whatever its name sorts as
     assert run_main(capsys, "--model", "FastNet", "--dry-run", "--data-dir", data_dir, "--out-dir", tmp_path)[0] == 0
+    dry = os.path.join(glob.glob(str(tmp_path / "*_FastNet"))[0], runs.FINAL_MODEL)
+    assert run_main(capsys, "--eval-only", dry, "--data-dir", data_dir, "--out-dir", tmp_path)[0] == 0  # its copy
     assert predict.newest_model(str(tmp_path)) == os.path.join(newest, runs.FINAL_MODEL)
 
 

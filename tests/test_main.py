@@ -19,6 +19,7 @@ import main_mnist
 import model as model_py
 from conftest import only_run, run_main
 from machinery import runs, settings, tools
+from machinery.evaluation import FAMILIES
 from machinery.figures import plot_comparison
 from utils import UserError
 
@@ -49,7 +50,8 @@ def test_help_lists_every_setting_with_its_comment_and_default(capsys):
     (["--model", "Nett"], "MODEL (--model) must be one of"),
     (["--crop-p", "1.5"], "CROP_P (--crop-p) must be from 0 to 1"),
     (["--dataset", "CIFAR10"], "DATASET (--dataset) must be one of"),
-    (["--epoks", "3"], "unrecognized arguments: --epoks")])
+    (["--epoks", "3"], "unrecognized arguments: --epoks"),
+    (["--eval-only", "model.pt", "--model", "CompactNet"], "--eval-only reads the model from MODEL_PT")])
 def test_a_bad_flag_is_one_line_and_a_non_zero_exit(capsys, flags, words):
     code, out, err = run_main(capsys, *flags)
     assert code != 0 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -108,8 +110,9 @@ def test_resume_goes_on_exactly_as_an_unbroken_run(capsys, data_dir, tmp_path, m
     assert [[row[c] for c in columns] for row in metrics(only_run(whole))] == \
            [[row[c] for c in columns] for row in metrics(folder)]
     assert runs.read_json(os.path.join(folder, runs.RECORD))["status"] == "finished"
-    code, out, err = run_main(capsys, "--resume", folder)  # the run folder stands for its checkpoint
-    assert code == 1 and "its run is finished (3 of 3 epochs); a one-cycle run's length is set" in err
+    for flags in ([], ["--epochs", "5"]):  # the run folder stands for its checkpoint
+        code, out, err = run_main(capsys, "--resume", folder, *flags)
+        assert code == 1 and "its run is finished (3 of 3 epochs); a one-cycle run's length is set" in err
 
 
 def test_a_finished_step_run_trains_further_in_a_new_folder_and_is_left_as_it_was(capsys, data_dir, tmp_path):
@@ -128,13 +131,28 @@ def test_a_resume_names_what_was_edited_since_and_keeps_the_dry_run(capsys, data
         stop_after_epoch(patch, 1)
         dry_run(capsys, data_dir, tmp_path, "--epochs", "2")
     checkpoint = os.path.join(only_run(tmp_path), runs.CHECKPOINT)
+    with pytest.raises(UserError, match="its run has not finished: --resume"):
+        tools.load_model(only_run(tmp_path), torch.device("cpu"))  # no model.pt yet
     code, out, err = run_main(capsys, "--resume", checkpoint, "--no-dry-run")
     assert code == 1 and "not --dry-run" in err
+
+    class FastNet(model_py.FastNet):  # a layer edited since: one more bias
+        def __init__(self):
+            super().__init__()
+            self.fc2 = nn.Linear(128, 10, bias=False)
+    with monkeypatch.context() as patch:
+        patch.setitem(model_py.MODELS, "FastNet", FastNet)
+        code, out, err = run_main(capsys, "--resume", checkpoint)
+    assert code == 1 and "holds a FastNet that model.py's FastNet no longer takes (Unexpected key" in err
     monkeypatch.setitem(main_mnist.RECIPES, "FastNet", {**main_mnist.RECIPES["FastNet"], "LR": 0.3})
+    monkeypatch.setitem(main_mnist.BLOCK, "L1", 1e-5)  # a setting added since, as docs/changing.md adds it
+    monkeypatch.setattr(runs, "code_version", lambda: {"files": "edited"})
     code, out, err = run_main(capsys, "--resume", checkpoint)
     lr = main_mnist.RECIPES["FastNet"]["LR"]
     out = " ".join(out.split())  # the note is wrapped to the console's width
     assert code == 0 and f"edited since {checkpoint}: LR=0.3; the run goes on with its own LR=" in out, err
+    assert f"new since {checkpoint}: L1=1e-05; the run goes on with them, though its first 1 epochs" in out
+    assert "the project's .py files changed since this run began" in out
     record = runs.read_json(os.path.join(only_run(tmp_path), runs.RECORD))
     assert record["settings"]["DRY_RUN"] is True and record["settings"]["LR"] != lr and len(record["history"]) == 2
 
@@ -155,6 +173,7 @@ def test_a_stop_in_the_final_report_is_completed_by_resume(capsys, data_dir, tmp
     assert code == 0, err
     assert record["status"] == "finished" and "calibration" in record
     assert os.path.exists(os.path.join(folder, runs.FINAL_MODEL))
+    assert not {"LABEL_SMOOTHING", "OUT_DIR"} & set(record["unused_settings"])  # read by the epochs before the stop
 
 
 @pytest.mark.parametrize("text, kind", [("def forward(self:", "SyntaxError"), ("if x:\ny = 1", "IndentationError")])
@@ -443,7 +462,7 @@ def test_compare_lists_runs_and_one_line_for_each_damaged_one(capsys, data_dir, 
     assert "_eval" not in run_main(capsys, "--compare", "--out-dir", tmp_path)[1]
 
 
-def test_find_lr_suggests_an_lr_and_leaves_the_model_as_it_was(capsys, data_dir, tmp_path):
+def test_find_lr_suggests_an_lr_and_draws_its_curve(capsys, data_dir, tmp_path):
     code, out, err = run_main(capsys, "--model", "FastNet", "--find-lr", "--dry-run", "--data-dir", data_dir,
                               "--out-dir", tmp_path)
     assert code == 0, err
@@ -451,7 +470,9 @@ def test_find_lr_suggests_an_lr_and_leaves_the_model_as_it_was(capsys, data_dir,
     assert os.path.isfile(os.path.join(only_run(tmp_path), "lr_finder.png"))
 
 
-def test_eval_only_writes_robustness_curves_into_a_folder_of_its_own(capsys, data_dir, trained, tmp_path):
+def test_eval_only_writes_robustness_curves_into_a_folder_of_its_own(capsys, data_dir, trained, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setitem(main_mnist.BLOCK, "DATASET", "FashionMNIST")  # not here: the run's own MNIST is read
     code, out, err = run_main(capsys, "--eval-only", os.path.join(trained, runs.FINAL_MODEL), "--dry-run",
                               "--data-dir", data_dir, "--out-dir", tmp_path)
     folder = only_run(tmp_path)
@@ -459,6 +480,8 @@ def test_eval_only_writes_robustness_curves_into_a_folder_of_its_own(capsys, dat
     assert {"robustness.csv", "robustness.png", "reliability.png", runs.RECORD, runs.CALIBRATION, runs.FINAL_MODEL} \
         <= set(os.listdir(folder))
     assert json.loads(open(os.path.join(folder, runs.RECORD)).read())["mode"] == "eval-only"
+    with open(os.path.join(folder, "robustness.csv")) as f:  # names with commas in them quoted
+        assert {row["family"] for row in csv.DictReader(f)} == set(FAMILIES)
     from machinery.tools import load_model
     name, model, knows = load_model(folder, torch.device("cpu"))  # what predict.py --model FOLDER reads
     assert name == "FastNet" and {"bank", "bases", "limits"} <= set(knows)

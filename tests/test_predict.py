@@ -14,6 +14,7 @@ import predict
 from benchmarks.not_a_digit import photo_of  # the benchmark's photographed digits, read here too
 from conftest import run_main
 from machinery import runs
+from machinery.evaluation import ink_depth
 from machinery.images import to_mnist
 from machinery.tools import load_model
 from utils import UserError, load_mnist, normalize
@@ -54,6 +55,15 @@ def test_a_photo_on_unevenly_lit_grainy_paper_comes_to_the_digit_a_clean_one_doe
     assert np.mean(differences) < 0.05  # 0.029 here; 0.083 when the grain's brightest speck set the ink and the crop
 
 
+@pytest.mark.parametrize("ink", ["black", "white"])  # white: as a canvas exports a drawing in MNIST's own shades
+def test_a_seven_drawn_on_a_clear_page_comes_to_the_one_drawn_on_paper(ink):
+    seven = [(20, 20), (80, 20), (40, 90)]
+    clear, paper = Image.new("RGBA", (100, 100), (0, 0, 0, 0)), Image.new("L", (100, 100), 255)
+    ImageDraw.Draw(clear).line(seven, fill=ink, width=8)
+    ImageDraw.Draw(paper).line(seven, fill=0, width=8)
+    assert float((to_mnist(clear) - to_mnist(paper)).abs().max()) < 0.01
+
+
 def test_the_newest_finished_run_is_the_default_model(trained, tmp_path, capsys, monkeypatch):
     Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
     monkeypatch.setattr(predict.newest_model, "__defaults__", (os.path.dirname(trained),))
@@ -71,6 +81,18 @@ def test_a_drawing_of_no_digit_is_declined(trained, tmp_path, capsys):
     code, out, err = run_predict(capsys, tmp_path / "box.png", "--model", trained,  # the run folder: its model.pt
                                  "--out", tmp_path / "p.png")
     assert code == 0 and re.search(r"box.png: not a digit   top 3: \d", out)
+
+
+def test_a_filled_oval_is_declined_as_thicker_than_any_training_digit(data_dir, trained, tmp_path, capsys):
+    image = Image.new("L", (200, 200), 255)
+    ImageDraw.Draw(image).ellipse([50, 20, 150, 180], fill=0)  # at the features, a 0
+    image.save(tmp_path / "oval.png")
+    code, out, err = run_predict(capsys, tmp_path / "oval.png", "--model", trained, "--out", tmp_path / "p.png")
+    assert code == 0 and re.search(r"oval.png: not a digit   top 3: \d", out)
+    thickest = load_model(trained, torch.device("cpu"))[2]["thickest"]
+    digits = load_mnist(data_dir, train=False)[0]
+    assert ink_depth(to_mnist(Image.open(tmp_path / "oval.png"))[None]) > thickest
+    assert float((ink_depth(digits) > thickest).double().mean()) < 0.001  # test digits that thick: none of 10,000 here
 
 
 @pytest.mark.parametrize("make, words", [
