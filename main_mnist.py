@@ -212,6 +212,7 @@ def main(argv=None):
             from machinery.tools import evaluate_only
             return evaluate_only(args.eval_only, device, hp, args.argv, args.given)
         from machinery.tools import find_lr
+        settings.print_settings(hp, sources, notes)  # the recipe it tests
         loader = get_trainloader(hp["DATA_DIR"], hp["BATCH_SIZE"], device, 20 if hp["DRY_RUN"] else None, hp,
                                  hp["DATASET"])
         torch.manual_seed(hp["SEED"])

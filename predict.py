@@ -74,6 +74,8 @@ def check_out(path, images):
     """--out may be a new file or a plain one of one's own, but never one of the images, nor a link or a device."""
     if os.path.splitext(path)[1].lower() not in runs.FORMATS:
         raise UserError(f"--out {path}: end it in one of {', '.join(runs.FORMATS)}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--out {path}: there is no folder {os.path.dirname(os.path.abspath(path))}")
     if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
         raise UserError(f"--out {path} is not a plain file: name a new one")
     if os.path.exists(path) and any(os.path.exists(i) and os.path.samefile(path, i) for i in images):

@@ -101,7 +101,10 @@ def errors_in_one_line(show_traceback=False):
         sys.exit(128 + (error.args[0] if error.args else signal.SIGINT))
     except torch.OutOfMemoryError:
         sys.exit("error: out of memory: lower BATCH_SIZE (--batch-size) or TEST_BATCH_SIZE")
-    except OSError as error:  # a full disk, a folder one may not write in, a reader gone away (| head)
+    except BrokenPipeError:  # the reader went away (| head): it wants no more, not even an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as error:  # a full disk, a folder one may not write in
         where = f"{error.filename}: " if error.filename else ""
         sys.exit(f"error: {printable(where)}{error.strerror or first_line(error)}")
     except Exception as error:
@@ -366,8 +369,9 @@ def recorded(folder, record):
     try:
         yield
     except BaseException as error:
-        record.update(status="stopped" if isinstance(error, KeyboardInterrupt) else "failed",
-                      error=f"{type(error).__name__}: {first_line(error)}")
+        stopped = isinstance(error, KeyboardInterrupt)  # by stop(), with its signal
+        record.update(status="stopped" if stopped else "failed", error=f"{type(error).__name__}: {first_line(error)}"
+                      if not (stopped and error.args) else f"stopped by {signal.Signals(error.args[0]).name}")
         with contextlib.suppress(Exception):  # the disk may be full, the folder gone: the error itself says so
             save_record(folder, record)
         if os.path.exists(os.path.join(folder, CHECKPOINT)):

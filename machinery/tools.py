@@ -53,7 +53,7 @@ def compare(folders, out_dir):
               if len({repr(made.get(name)) for _, made, _ in table}) > 1]
     for row, made, _ in table:
         row.update({name: made.get(name, "") for name in differ})
-    columns = list(dict.fromkeys(key for row, _, _ in table for key in row))
+    columns = list(dict.fromkeys(key for row, _, _ in table for key in row if key not in differ)) + differ
     cells = [columns] + [[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
                          for row, _, _ in table]
     flipped = [list(line) for line in zip(*cells)]  # a line per key and a column per run, where that is narrower

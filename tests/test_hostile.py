@@ -89,6 +89,7 @@ def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(data_dir, tmp_path, signum
     folder = only_run(tmp_path)
     assert run.returncode == 128 + signum and "Go on from the last epoch saved" in err
     assert runs.read_json(os.path.join(folder, runs.RECORD))["status"] == "stopped"
+    assert runs.read_json(os.path.join(folder, runs.RECORD))["error"] == f"stopped by {signal.Signals(signum).name}"
     assert not [name for name in os.listdir(folder) if name.startswith(".")]
 
 

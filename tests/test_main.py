@@ -532,10 +532,11 @@ def test_a_learner_s_edited_copy_flows_through_files_plot_and_compare(capsys, da
     (copy / "main_mnist.py").write_text(main_text.replace("test_acc=test_acc, ", "test_acc=test_acc, "
                                                                                "gap=train_acc - test_acc, "))
     flags = ["--model", "FastNet", "--dry-run", "--data-dir", data_dir, "--out-dir", tmp_path / "runs"]
+    assert run_main(capsys, *flags, "--seed", "2")[0] == 0  # a run without the key, listed first
+    plain = only_run(tmp_path / "runs")
     done = subprocess.run([sys.executable, copy / "main_mnist.py", *flags], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    edited = only_run(tmp_path / "runs")
-    assert run_main(capsys, *flags, "--seed", "2")[0] == 0
+    edited = next(str(f) for f in (tmp_path / "runs").iterdir() if str(f) != plain)
     assert "gap" in metrics(edited)[0] and "gap" in runs.read_json(os.path.join(edited, runs.RECORD))["history"][0]
     assert "GroupNorm" in " ".join(runs.read_json(os.path.join(edited, runs.RECORD))["structure"]["layers"])
     monkeypatch.setenv("COLUMNS", "100")  # narrower than the table: a line per key, a column per run
@@ -544,6 +545,7 @@ def test_a_learner_s_edited_copy_flows_through_files_plot_and_compare(capsys, da
     code, out, err = run_main(capsys, "--compare", "--out-dir", tmp_path / "runs")
     keys = [line.split()[0] for line in out.splitlines()]
     assert code == 0 and {"run", "gap", "structure", "code", "SEED"} <= set(keys) and "finished (dry run)" in out, err
+    assert keys.index("gap") < keys.index("SEED")  # with the epoch's other keys, before the settings that differ
     assert sorted(label.split()[-1] for label, history in drawn) == ["SEED=1", "SEED=2"]  # the legend tells them apart
     assert max(len(line) for line in out.splitlines() if not line.startswith("Saved:")) <= 100
     assert "Saved:" in out and "(dry runs only)" in out

@@ -115,7 +115,7 @@ def test_a_file_that_is_no_readable_image_is_one_line_and_the_others_are_still_r
 def test_out_never_replaces_an_image_read_nor_a_folder(trained, tmp_path, capsys):
     Image.new("L", (60, 60), 255).save(tmp_path / "seven.png")
     for out, words in [(tmp_path / "seven.png", "is one of the images read"), (tmp_path, "end it in one of"),
-                       (tmp_path / "p.txt", "end it in one of")]:
+                       (tmp_path / "p.txt", "end it in one of"), (tmp_path / "no" / "p.png", "there is no folder")]:
         code, _, err = run_predict(capsys, tmp_path / "seven.png", "--out", out)
         assert code == 1 and words in err
 
