@@ -127,6 +127,8 @@ def train_run(args):
     torch.manual_seed(hp["SEED"])
     random.seed(hp["SEED"])
     model = build_model(hp)
+    if checkpoint:  # the weights before anything is made: model.py may have changed so that they no longer fit
+        runs.load_weights(model, checkpoint["model"], args.resume)
     arguments = {name: value for name, value in settings.model_arguments(MODELS[hp["MODEL"]], dict(hp)).items()
                  if name.upper() in hp.read}  # those build_model read: what the model was given
     model = model.to(device, memory_format=memory_format(model))
@@ -142,7 +144,6 @@ def train_run(args):
     model_summary(model)
     history, lr_curve = [], []
     if checkpoint:  # where the run stopped: the optimizer's line shows the state it goes on from
-        runs.load_weights(model, checkpoint["model"], args.resume)  # or model.py's layers changed since
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         history, lr_curve = list(checkpoint["history"]), list(checkpoint["lr_curve"])

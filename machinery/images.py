@@ -39,8 +39,9 @@ def open_image(source, name, max_pixels=MAX_PIXELS):
 
 
 def grey(image):
-    """A float32 array in [0, 1] (0 black) of a PIL image; transparency is laid over paper of the opposite shade
-    to what is opaque: black ink on a clear page is on white, white ink (as a canvas exports MNIST's) on black."""
+    """A float32 array in [0, 1] (0 black) of a PIL image. What is clear is laid on paper: where all that is opaque
+    is of one shade, it is the ink, and the paper the other (white ink, as a canvas exports MNIST's, on black); where
+    it is a page and its ink (a clear margin, rounded corners), the paper is the page's shade."""
     if image.mode in ("I", "I;16", "F"):  # no fixed white: scaled by the image's own range
         pixels = np.asarray(image, dtype=np.float64)
         if not np.isfinite(pixels).all():
@@ -49,7 +50,8 @@ def grey(image):
     if image.mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info:
         image = image.convert("RGBA")
         opaque = np.asarray(image.convert("L"))[np.asarray(image.getchannel("A")) > 127]
-        paper = "black" if opaque.size and opaque.mean() > 127 else "white"
+        light = float((opaque > 127).mean()) if opaque.size else 0.0
+        paper = "black" if light > 0.99 or 0.01 <= light < 0.5 else "white"
         image = Image.alpha_composite(Image.new("RGBA", image.size, paper), image)
     return np.asarray(image.convert("L"), dtype=np.float32) / 255
 

@@ -201,7 +201,7 @@ def load(path, what="checkpoint", needs=()):
 def first_mismatch(error):
     """The first of torch's lines on weights that do not fit a model (a title, then a line a key), and how many more."""
     lines = str(error).strip().splitlines() or [type(error).__name__]
-    return (lines[1:] or lines)[0].strip()[:150] + (f"...; {len(lines) - 2} more" if len(lines) > 2 else "")
+    return (lines[1:] or lines)[0].strip()[:250] + (f"...; {len(lines) - 2} more" if len(lines) > 2 else "")
 
 
 def load_weights(model, state, path):
@@ -335,10 +335,10 @@ def resume_folder(path, checkpoint, hp):
     if record.get("status") == "running" and record.get("pid") != os.getpid() and alive(record.get("pid")):
         raise UserError(f"{folder} is being written by process {record['pid']}: wait for it to end, or stop it "
                         f"(Ctrl-C, kill {record['pid']}) and resume then")
+    if record.get("code") != code_version():
+        print("Note: the project's .py files changed since this run last started (a layer? the loss?): it goes on "
+              "with them as they are now")
     if record.get("status") != "finished":
-        if record.get("code") != code_version():
-            print("Note: the project's .py files changed since this run began (a layer? the loss?): it goes on with "
-                  "them as they are now")
         for name in os.listdir(folder):  # what a killed writer (kill -9, power off) left half-written
             if name.startswith(".") and name.endswith(".tmp"):
                 os.remove(os.path.join(folder, name))

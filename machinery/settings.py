@@ -133,8 +133,8 @@ def merge(block, recipes, given, checkpoint=None, where="the checkpoint"):
                          f"with its own {', '.join(f'{n}={saved[n]!r}' for n in edited)}")
         new = [f"{name}={hp[name]!r}" for name in now if name not in saved and name not in given]
         if new:
-            notes.append(f"new since {where}: {', '.join(new)}; the run goes on with them, though its first "
-                         f"{len(checkpoint['history'])} epochs had none")
+            notes.append(f"new since {where}: {', '.join(new)}; the run goes on with {'them' if new[1:] else 'it'}, "
+                         f"though its first {len(checkpoint['history'])} epochs had none")
     check(block, block, dict.fromkeys(block, "block"), model, where)  # what a recipe overrides too
     notes += [f"{name}={hp[name]!r} ({place(name, sources[name], model, where)}) is a string: a number is written "
               f"without quotes" for name in hp if sources[name] in ("block", "recipe") and reads_as_number(hp[name])]

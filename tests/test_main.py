@@ -115,10 +115,20 @@ def test_resume_goes_on_exactly_as_an_unbroken_run(capsys, data_dir, tmp_path, m
         assert code == 1 and "its run is finished (3 of 3 epochs); a one-cycle run's length is set" in err
 
 
-def test_a_finished_step_run_trains_further_in_a_new_folder_and_is_left_as_it_was(capsys, data_dir, tmp_path):
+def test_a_finished_step_run_trains_further_in_a_new_folder_and_is_left_as_it_was(capsys, data_dir, tmp_path,
+                                                                                     monkeypatch):
     assert dry_run(capsys, data_dir, tmp_path, "--epochs", "1", "--schedule", "step")[0] == 0
     first = only_run(tmp_path)
     files = {name: os.path.getmtime(os.path.join(first, name)) for name in os.listdir(first)}
+
+    class FastNet(model_py.FastNet):  # a layer edited since: refused before a folder is made
+        def __init__(self):
+            super().__init__()
+            self.fc2 = nn.Linear(128, 10, bias=False)
+    with monkeypatch.context() as patch:
+        patch.setitem(model_py.MODELS, "FastNet", FastNet)
+        code, out, err = run_main(capsys, "--resume", os.path.join(first, runs.CHECKPOINT), "--epochs", "2")
+    assert code == 1 and "no longer takes (Unexpected key" in err and only_run(tmp_path) == first
     code, out, err = run_main(capsys, "--resume", os.path.join(first, runs.CHECKPOINT), "--epochs", "2")
     second = [os.path.join(tmp_path, n) for n in os.listdir(tmp_path) if os.path.join(tmp_path, n) != first]
     assert code == 0 and "go into a new folder" in out and len(second) == 1, err
@@ -151,8 +161,8 @@ def test_a_resume_names_what_was_edited_since_and_keeps_the_dry_run(capsys, data
     lr = main_mnist.RECIPES["FastNet"]["LR"]
     out = " ".join(out.split())  # the note is wrapped to the console's width
     assert code == 0 and f"edited since {checkpoint}: LR=0.3; the run goes on with its own LR=" in out, err
-    assert f"new since {checkpoint}: L1=1e-05; the run goes on with them, though its first 1 epochs" in out
-    assert "the project's .py files changed since this run began" in out
+    assert f"new since {checkpoint}: L1=1e-05; the run goes on with it, though its first 1 epochs" in out
+    assert "the project's .py files changed since this run last started" in out
     record = runs.read_json(os.path.join(only_run(tmp_path), runs.RECORD))
     assert record["settings"]["DRY_RUN"] is True and record["settings"]["LR"] != lr and len(record["history"]) == 2
 
