@@ -18,7 +18,7 @@ from machinery.evaluation import answer, read
 from machinery.figures import plot_predictions
 from machinery.images import open_image, to_mnist
 from machinery.settings import OneLineParser, read_block
-from machinery.tools import load_model
+from machinery.tools import built_as, load_model
 from utils import UserError, pick_device
 
 MAX_SHOWN = 20  # images drawn in predictions.png; only theirs are kept as small copies
@@ -46,6 +46,8 @@ def load_reader(path, device):
     path = path or newest_model()
     name, model, knows = load_model(path, device)
     print(f"Model: {name} from {runs.printable(path)}")
+    if built_as(runs.file_in(path, runs.FINAL_MODEL))[2].get("DRY_RUN"):
+        print("Note: a dry run's model (one batch an epoch): it reads digits little better than by chance")
     if not knows:
         print(f"Note: {runs.printable(path)} has no calibration of a finished run: \"not sure\" below "
               f"{100 * UNCALIBRATED['threshold']:.0f}% confidence, and no \"not a digit\"")

@@ -161,6 +161,9 @@ def test_the_default_model_is_the_newest_finished_run_that_is_no_dry_run(capsys,
     dry = os.path.join(glob.glob(str(tmp_path / "*_FastNet"))[0], runs.FINAL_MODEL)
     assert run_main(capsys, "--eval-only", dry, "--data-dir", data_dir, "--out-dir", tmp_path)[0] == 0  # its copy
     assert predict.newest_model(str(tmp_path)) == os.path.join(newest, runs.FINAL_MODEL)
+    out = run_main(capsys, os.path.join(os.path.dirname(dry), runs.SAMPLES), "--model", dry, "--out",
+                   tmp_path / "p.png", main=predict.main)[1]
+    assert "Note: a dry run's model" in out  # named by hand, it is read, and said
 
 
 def test_damaged_data_stops_before_training_in_one_line(capsys, data_dir, tmp_path):
