@@ -127,8 +127,10 @@ def ink_depth(images):
 
 
 def answer(probabilities, distance, knows):
-    """What an image is read as: "not a digit", "not sure", or the digit."""
-    if distance is not None and bool((distance > torch.tensor(knows["limits"] + [knows["thickest"]])).any()):
+    """What an image is read as: "not a digit" (saying why where it is the ink), "not sure", or the digit."""
+    if distance is not None and float(distance[-1]) > knows["thickest"]:
+        return "not a digit (its ink is thicker than any digit's: drawn small, or with a broad pen?)"
+    if distance is not None and bool((distance[:-1] > torch.tensor(knows["limits"])).any()):
         return "not a digit"
     confidence, digit = probabilities.max(dim=0)
     return int(digit) if float(confidence) >= knows["threshold"] else "not sure"
