@@ -10,9 +10,9 @@ For each model.pt (a finished run's), the answers predict.py gives, with the run
     pip install scikit-learn), and 1,000 MNIST test digits photographed (dark ink on light paper, larger,
     off-centre, with sensor noise), and 1,000 others photographed grainier and lit from one side, all read through
     predict.py's path (images.to_mnist).
-Three rules are compared on the same images: confidence alone ("not sure" below the run's threshold), nearest
-neighbour on the input of the last layer only, and what predict.py uses: nearest neighbour on the inputs of the
-last two layers, then confidence.
+Four rules are compared on the same images: confidence alone ("not sure" below the run's threshold), nearest
+neighbour on the input of the last layer only, nearest neighbour on the inputs of the last two layers, and what
+predict.py uses: those and the ink thicker than any training digit's, then confidence.
 """
 import argparse
 import math
