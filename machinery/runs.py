@@ -198,10 +198,12 @@ def load(path, what="checkpoint", needs=()):
     return saved
 
 
-def first_mismatch(error):
-    """The first of torch's lines on weights that do not fit a model (a title, then a line a key), and how many more."""
+def no_longer_fits(path, name, error):
+    """The UserError for weights in `path` that model.py's `name` no longer takes: torch's first mismatch (its lines
+    are a title, then one a key) and how many more."""
     lines = str(error).strip().splitlines() or [type(error).__name__]
-    return (lines[1:] or lines)[0].strip()[:250] + (f"...; {len(lines) - 2} more" if len(lines) > 2 else "")
+    reason = (lines[1:] or lines)[0].strip()[:250] + (f"...; {len(lines) - 2} more" if len(lines) > 2 else "")
+    return UserError(f"{path} holds a {name} that model.py's {name} no longer takes ({reason})")
 
 
 def load_weights(model, state, path):
@@ -209,9 +211,7 @@ def load_weights(model, state, path):
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        name = type(getattr(model, "_orig_mod", model)).__name__  # a torch.compile'd model's own
-        raise UserError(f"{path} holds a {name} that model.py's {name} no longer takes ({first_mismatch(error)})") \
-            from None
+        raise no_longer_fits(path, type(getattr(model, "_orig_mod", model)).__name__, error) from None
 
 
 def save_torch(folder, name, data):

@@ -108,10 +108,10 @@ def load_model(path, device):
             name = candidate
             break
         except (RuntimeError, TypeError, AttributeError, ValueError) as error:
-            reason = runs.first_mismatch(error)
+            failure = error
     else:
         if name in MODELS:  # run.json names it: its layers or arguments in model.py changed since the run
-            raise UserError(f"{path} holds a {name} that model.py's {name} no longer takes ({reason})")
+            raise runs.no_longer_fits(path, name, failure)
         raise UserError(f"{path} holds the weights of no model in model.py ({', '.join(MODELS)})")
     damaged = [key for key, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if damaged:
