@@ -30,6 +30,8 @@ def compare(folders, out_dir):
         raise UserError(f"no runs to compare in {out_dir}/: train one with `python3 main_mnist.py`")
     table, damaged, missing = [], [], []  # (row, what the run was made of, history) per readable run
     for folder in folders:
+        if os.path.basename(folder) == runs.RECORD:  # RUN/run.json, as a shell completes it, names its run
+            folder = os.path.dirname(folder) or "."
         name = os.path.basename(os.path.normpath(folder))
         if named and not os.path.lexists(os.path.join(folder, runs.RECORD)):
             missing.append(f"{name}  no run here: {folder} has no {runs.RECORD}")
@@ -37,6 +39,7 @@ def compare(folders, out_dir):
         try:
             record = runs.read_json(os.path.join(folder, runs.RECORD))
             if record.get("mode", "train") != "train":
+                missing += [f"{name}  no training run: {folder} holds --{record['mode']}'s files"] if named else []
                 continue
             history, hp = record["history"], record["settings"]
             status = record["status"] if record["status"] != "running" or runs.alive(record["pid"]) else "killed"

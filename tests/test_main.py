@@ -470,6 +470,11 @@ def test_compare_lists_runs_and_one_line_for_each_damaged_one(capsys, data_dir, 
     assert code == 1 and re.search(rf"^{os.path.basename(good)}\s+FastNet", out, re.MULTILINE)  # a trailing / too
     assert "typo  no run here" in out and "_eval" not in out  # an --eval-only folder is no run
     assert "_eval" not in run_main(capsys, "--compare", "--out-dir", tmp_path)[1]
+    evaluated = next(name for name in os.listdir(tmp_path) if name.endswith("_eval"))
+    code, out, err = run_main(capsys, "--compare", os.path.join(good, runs.RECORD), tmp_path / evaluated,
+                              "--out-dir", tmp_path)  # a run's run.json names its run; an --eval-only folder is said
+    assert code == 1 and re.search(rf"^{os.path.basename(good)}\s+FastNet", out, re.MULTILINE)
+    assert f"{evaluated}  no training run" in out
 
 
 def test_find_lr_suggests_an_lr_and_draws_its_curve(capsys, data_dir, tmp_path):
