@@ -85,6 +85,9 @@ def test_a_drawing_of_no_digit_is_declined(trained, tmp_path, capsys):
     code, out, err = run_predict(capsys, tmp_path / "box.png", "--model", trained,  # the run folder: its model.pt
                                  "--out", tmp_path / "p.png")
     assert code == 0 and re.search(r"box.png: not a digit   top 3: \d", out)
+    code, out, err = run_predict(capsys, tmp_path / "box.png", "--model", os.path.join(trained, runs.CHECKPOINT),
+                                 "--out", tmp_path / "p.png")
+    assert code == 0 and f"--model {os.path.join(trained, runs.FINAL_MODEL)} answers with it" in out  # the calibration
 
 
 def test_a_filled_oval_is_declined_as_thicker_than_any_training_digit(data_dir, trained, tmp_path, capsys):
