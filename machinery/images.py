@@ -56,10 +56,31 @@ def grey(image):
     return np.asarray(image.convert("L"), dtype=np.float32) / 255
 
 
+def light(pixels, paper, span):
+    """The light on the paper where it falls unevenly (from one side, darker corners): a quadratic surface fitted to
+    the pixels within span / 4 of the paper's level, then to those near that fit, so that the ink is left out; the
+    paper's level itself where the surface stays within span / 8 of it, so that a clean image is read as it is."""
+    height, width = pixels.shape
+    step = max(1, round((height * width / 10_000) ** 0.5))  # fitted on every step-th pixel: a smooth surface
+    y, x = (np.linspace(-0.5, 0.5, n, dtype=np.float32) for n in (height, width))
+    y, x = y[:, None], x[None]
+    Y, X = (a.ravel() for a in np.broadcast_arrays(y[::step], x[:, ::step]))
+    sampled = np.stack([np.ones_like(X), X, Y, X * X, X * Y, Y * Y], axis=1)
+    values, fitted = pixels[::step, ::step].ravel(), paper
+    for _ in range(3):
+        near = np.abs(values - fitted) <= span / 4
+        if near.sum() < sampled.shape[1]:
+            return paper
+        c = np.linalg.lstsq(sampled[near], values[near], rcond=None)[0]
+        fitted = sampled @ c
+    surface = (c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * x * y + c[5] * y * y).astype(np.float32)
+    return surface if np.abs(surface - paper).max() > span / 8 else paper
+
+
 def to_mnist(image, name="the image"):
     """The 28x28 float tensor in [0, 1], light ink on black, that the model sees of a PIL image or a grey array;
-    UserError if it is too small or blank. A photo's grain is averaged out and light that falls from one side
-    levelled first, where they would reach the ink's level; a clean image is read as it is."""
+    UserError if it is too small or blank. A photo's grain is averaged out and light that falls unevenly levelled
+    first, where they would reach the ink's level; a clean image is read as it is."""
     pixels = image.astype(np.float32) if isinstance(image, np.ndarray) else grey(image)
     if min(pixels.shape) < 8:
         raise UserError(f"{name} is {pixels.shape[1]}x{pixels.shape[0]} pixels: too small to hold a digit")
@@ -71,13 +92,7 @@ def to_mnist(image, name="the image"):
         pixels = pixels[0, 0].numpy()
     if paper > 0.5:  # light paper: inverted, as MNIST's ink is light on black
         pixels, paper = 1 - pixels, 1 - paper
-    span = float(pixels.max()) - paper  # light that falls unevenly: a plane through the paper of each edge, where
-    left, right, top, bottom = (float(np.median(np.append(side[np.abs(side - paper) < span / 4], paper)))
-                                for side in (pixels[:, 0], pixels[:, -1], pixels[0], pixels[-1]))
-    if max(abs(right - left), abs(bottom - top)) > span / 8:  # it tilts enough to lift paper near the ink's level
-        height, width = pixels.shape
-        pixels = pixels - ((right - left) * (np.arange(width) / (width - 1) - 0.5) + (bottom - top) * (
-            np.arange(height)[:, None] / (height - 1) - 0.5)).astype(np.float32)
+    pixels = pixels - light(pixels, paper, float(pixels.max()) - paper) + paper
     ink = float(pixels.max())
     if ink - paper < MIN_CONTRAST:
         raise UserError(f"{name} is blank: nothing in it stands out from its background")

@@ -55,6 +55,20 @@ def test_a_photo_on_unevenly_lit_grainy_paper_comes_to_the_digit_a_clean_one_doe
     assert np.mean(differences) < 0.05  # 0.029 here; 0.083 when the grain's brightest speck set the ink and the crop
 
 
+@pytest.mark.parametrize("light", ["from one side", "darker at the corners"])
+def test_a_photo_of_a_blank_page_in_uneven_light_is_blank_and_of_a_digit_on_it_the_digit(data_dir, light):
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.linspace(-0.5, 0.5, 200), np.linspace(-0.5, 0.5, 160))  # photo_of's page
+    shade = 60 * x if light == "from one side" else -60 * (x ** 2 + y ** 2) * 2  # 60 grey levels edge to edge
+    page = (200 + shade + rng.normal(0, 5, x.shape)).clip(0, 255)
+    with pytest.raises(UserError, match="is blank"):  # a bright band of paper was read as an 8 at 100%
+        to_mnist(Image.fromarray(np.uint8(page)))
+    images, _ = load_mnist(data_dir, train=False)
+    photo = np.asarray(photo_of(images[0], rng, grain=0), dtype=np.float64)  # a clean photo of it, then the light
+    lit = to_mnist(Image.fromarray(np.uint8((photo + shade + rng.normal(0, 5, x.shape)).clip(0, 255))))
+    assert float((lit - to_mnist(Image.fromarray(np.uint8(photo)))).abs().mean()) < 0.05
+
+
 @pytest.mark.parametrize("ink", ["black", "white", "a page"])  # white: as a canvas exports MNIST's own shades
 def test_a_seven_drawn_on_a_clear_page_comes_to_the_one_drawn_on_paper(ink):
     seven = [(20, 20), (80, 20), (40, 90)]
