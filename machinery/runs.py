@@ -104,6 +104,11 @@ def errors_in_one_line(show_traceback=False):
     except BrokenPipeError:  # the reader went away (| head): it wants no more, not even an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except (FileExistsError, NotADirectoryError) as error:  # a folder asked for where a file is (--out-dir FILE)
+        path = str(error.filename)
+        while path and not os.path.lexists(path):  # the file may be a folder above the one asked for
+            path = os.path.dirname(path)
+        sys.exit(f"error: {printable(path or error.filename)} is a file, where a folder is needed")
     except OSError as error:  # a full disk, a folder one may not write in
         where = f"{error.filename}: " if error.filename else ""
         sys.exit(f"error: {printable(where)}{error.strerror or first_line(error)}")

@@ -185,6 +185,14 @@ def test_damaged_data_stops_before_training_in_one_line(capsys, data_dir, tmp_pa
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("out_dir", ["runs", os.path.join("runs", "mine")])
+def test_an_out_dir_where_a_file_is_names_the_file(capsys, data_dir, tmp_path, out_dir):
+    (tmp_path / "runs").write_text("notes")
+    code, out, err = run_main(capsys, "--model", "FastNet", "--dry-run", "--data-dir", data_dir, "--out-dir",
+                              tmp_path / out_dir)
+    assert code == 1 and err.strip() == f"error: {tmp_path / 'runs'} is a file, where a folder is needed"
+
+
 def test_batches_of_one_image_train_or_stop_in_one_line(capsys, data_dir, tmp_path):
     code, out, err = run_main(capsys, "--model", "FastNet", "--dry-run", "--test-batch-size", "1", "--data-dir",
                               data_dir, "--out-dir", tmp_path / "one-test-image")
