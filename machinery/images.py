@@ -17,6 +17,7 @@ DIGIT_BOX, MASS_CENTRE = 20, 14.0  # MNIST's digits fit 20x20, their centre of m
 INK_LEVEL = 0.25  # of the ink's range above the paper: fainter pixels are paper, shadow or noise
 MIN_CONTRAST = 0.1  # the darkest ink stands at least this far (0-1) from the paper, or the image is blank
 NOISE = 0.015  # a photo's sensor noise is averaged down to about this (0-1) before the ink is told from the paper
+PAPER = 0.05  # paper lies within this of the light fitted to it (the grain averaged), a digit's blurred edge beyond
 
 
 def open_image(source, name, max_pixels=MAX_PIXELS):
@@ -68,7 +69,7 @@ def light(pixels, paper, span):
     sampled = np.stack([np.ones_like(X), X, Y, X * X, X * Y, Y * Y], axis=1)
     values, fitted = pixels[::step, ::step].ravel(), paper
     for _ in range(3):
-        near = np.abs(values - fitted) <= span / 4
+        near = np.abs(values - fitted) <= min(span / 4, PAPER)
         if near.sum() < sampled.shape[1]:
             return paper
         c = np.linalg.lstsq(sampled[near], values[near], rcond=None)[0]
