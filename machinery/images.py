@@ -51,49 +51,52 @@ def grey(image):
     if image.mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info:
         image = image.convert("RGBA")
         opaque = np.asarray(image.convert("L"))[np.asarray(image.getchannel("A")) > 127]
-        light = float((opaque > 127).mean()) if opaque.size else 0.0
-        paper = "black" if light > 0.99 or 0.01 <= light < 0.5 else "white"
+        lit = float((opaque > 127).mean()) if opaque.size else 0.0
+        paper = "black" if lit > 0.99 or 0.01 <= lit < 0.5 else "white"
         image = Image.alpha_composite(Image.new("RGBA", image.size, paper), image)
     return np.asarray(image.convert("L"), dtype=np.float32) / 255
 
 
 def light(pixels, paper, span):
-    """The light on the paper where it falls unevenly (from one side, darker corners): a quadratic surface fitted to
-    the pixels within span / 4 of the paper's level, then to those near that fit, so that the ink is left out; the
-    paper's level itself where the surface stays within span / 8 of it, so that a clean image is read as it is."""
+    """The light on the paper where it falls unevenly (from one side, darker at the corners): a quadratic surface,
+    fitted to the pixels near the paper's level, then twice more to those near the last fit, so that the ink is left
+    out (three fits settle on every photo tried); or the paper's level, where the surface stays within span / 8 of it
+    and a clean image is read as it is."""
     height, width = pixels.shape
-    step = max(1, round((height * width / 10_000) ** 0.5))  # fitted on every step-th pixel: a smooth surface
     y, x = (np.linspace(-0.5, 0.5, n, dtype=np.float32) for n in (height, width))
     y, x = y[:, None], x[None]
-    Y, X = (a.ravel() for a in np.broadcast_arrays(y[::step], x[:, ::step]))
-    sampled = np.stack([np.ones_like(X), X, Y, X * X, X * Y, Y * Y], axis=1)
+    terms = lambda y, x: [np.ones_like(x * y), x, y, x * x, x * y, y * y]  # of a column y and a row x
+    step = max(1, round((height * width / 10_000) ** 0.5))  # fitted on every step-th pixel: a smooth surface
+    sampled = np.stack([t.ravel() for t in np.broadcast_arrays(*terms(y[::step], x[:, ::step]))], axis=1)
     values, fitted = pixels[::step, ::step].ravel(), paper
     for _ in range(3):
         near = np.abs(values - fitted) <= min(span / 4, PAPER)
         if near.sum() < sampled.shape[1]:
             return paper
-        c = np.linalg.lstsq(sampled[near], values[near], rcond=None)[0]
-        fitted = sampled @ c
-    surface = (c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * x * y + c[5] * y * y).astype(np.float32)
-    return surface if np.abs(surface - paper).max() > span / 8 else paper
+        coefficients = np.linalg.lstsq(sampled[near], values[near], rcond=None)[0]
+        fitted = sampled @ coefficients
+    if np.abs(fitted - paper).max() <= span / 8:
+        return paper
+    return sum(c * t for c, t in zip(coefficients, terms(y, x))).astype(np.float32)
 
 
 def to_mnist(image, name="the image"):
-    """The 28x28 float tensor in [0, 1], light ink on black, that the model sees of a PIL image or a grey array;
-    UserError if it is too small or blank. A photo's grain is averaged out and light that falls unevenly levelled
-    first, where they would reach the ink's level; a clean image is read as it is."""
+    """The 28x28 float tensor in [0, 1], light ink on black, that the model sees of a PIL image or a grey array in
+    [0, 1]; UserError if it is too small or blank. A photo's grain is averaged out and light that falls unevenly
+    levelled first, where they would reach the ink's level; a clean image is read as it is."""
     pixels = image.astype(np.float32) if isinstance(image, np.ndarray) else grey(image)
     if min(pixels.shape) < 8:
         raise UserError(f"{name} is {pixels.shape[1]}x{pixels.shape[0]} pixels: too small to hold a digit")
     edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     paper = float(np.median(edges))
-    box = min(2 * round(1.4826 * np.median(np.abs(edges - paper)) / NOISE / 2) + 1, 9)  # the edges' spread
+    box = min(2 * round(1.4826 * np.median(np.abs(edges - paper)) / NOISE / 2) + 1, 9,  # the edges' spread
+              min(pixels.shape) // 16 | 1)  # a small photo's strokes are a few pixels wide, its edges lit unevenly
     if box > 1:  # the mean of box x box pixels: noise shrinks box-fold, and strokes wider than that stay
         pixels = F.avg_pool2d(torch.from_numpy(pixels)[None, None], box, 1, box // 2, count_include_pad=False)
         pixels = pixels[0, 0].numpy()
-    if paper > 0.5:  # light paper: inverted, as MNIST's ink is light on black
-        pixels, paper = 1 - pixels, 1 - paper
-    pixels = pixels - light(pixels, paper, float(pixels.max()) - paper) + paper
+    pixels = pixels - light(pixels, paper, max(float(pixels.max()) - paper, paper - float(pixels.min()))) + paper
+    if paper - pixels.min() > pixels.max() - paper:  # the ink is darker than the paper, though it be dim: inverted,
+        pixels, paper = 1 - pixels, 1 - paper        # as MNIST's ink is light on black
     ink = float(pixels.max())
     if ink - paper < MIN_CONTRAST:
         raise UserError(f"{name} is blank: nothing in it stands out from its background")

@@ -475,6 +475,9 @@ def test_compare_lists_runs_and_one_line_for_each_damaged_one(capsys, data_dir, 
                               "--out-dir", tmp_path)  # a run's run.json names its run; an --eval-only folder is said
     assert code == 1 and re.search(rf"^{os.path.basename(good)}\s+FastNet", out, re.MULTILINE)
     assert f"{evaluated}  no training run" in out
+    monkeypatch.chdir(good)  # run.json of the folder one is in
+    assert re.search(rf"^{os.path.basename(good)}\s+FastNet", run_main(capsys, "--compare", runs.RECORD, "--out-dir",
+                                                                      tmp_path)[1], re.MULTILINE)
 
 
 def test_find_lr_suggests_an_lr_and_draws_its_curve(capsys, data_dir, tmp_path):

@@ -55,11 +55,11 @@ def test_a_photo_on_unevenly_lit_grainy_paper_comes_to_the_digit_a_clean_one_doe
     assert np.mean(differences) < 0.05  # 0.029 here; 0.083 when the grain's brightest speck set the ink and the crop
 
 
-@pytest.mark.parametrize("light", ["from one side", "darker at the corners"])
-def test_a_photo_of_a_blank_page_in_uneven_light_is_blank_and_of_a_digit_on_it_the_digit(data_dir, light):
+@pytest.mark.parametrize("lighting", ["from one side", "darker at the corners"])
+def test_a_photo_of_a_blank_page_in_uneven_light_is_blank_and_of_a_digit_on_it_the_digit(data_dir, lighting):
     rng = np.random.default_rng(0)
     x, y = np.meshgrid(np.linspace(-0.5, 0.5, 200), np.linspace(-0.5, 0.5, 160))  # photo_of's page
-    shade = 60 * x if light == "from one side" else -60 * (x ** 2 + y ** 2) * 2  # 60 grey levels edge to edge
+    shade = 60 * x if lighting == "from one side" else -60 * (x ** 2 + y ** 2) * 2  # 60 grey levels edge to edge
     page = (200 + shade + rng.normal(0, 5, x.shape)).clip(0, 255)
     with pytest.raises(UserError, match="is blank"):  # a bright band of paper was read as an 8 at 100%
         to_mnist(Image.fromarray(np.uint8(page)))
@@ -67,6 +67,17 @@ def test_a_photo_of_a_blank_page_in_uneven_light_is_blank_and_of_a_digit_on_it_t
     photo = np.asarray(photo_of(images[0], rng, grain=0), dtype=np.float64)  # a clean photo of it, then the light
     lit = to_mnist(Image.fromarray(np.uint8((photo + shade + rng.normal(0, 5, x.shape)).clip(0, 255))))
     assert float((lit - to_mnist(Image.fromarray(np.uint8(photo)))).abs().mean()) < 0.05
+
+
+@pytest.mark.parametrize("paper, size", [(110, 84), (220, 16)])  # in dim light; small, its edges lit unevenly
+def test_a_digit_photographed_dimly_or_small_in_light_from_one_side_comes_to_the_clean_one(data_dir, paper, size):
+    images, _ = load_mnist(data_dir, train=False)
+    digit = np.asarray(Image.fromarray(images[0].numpy()).resize((size, size), Image.BICUBIC), dtype=np.float64)
+    clean = np.full((size + 4, size + 4), float(paper))
+    clean[2:-2, 2:-2] -= 100 * digit / 255  # dark ink, 100 grey levels below the paper
+    shade = np.linspace(-30, 30, size + 4)[None] + np.random.default_rng(0).normal(0, 2, clean.shape)
+    photo = to_mnist(Image.fromarray(np.uint8((clean + shade).clip(0, 255))))  # was blank, in both
+    assert float((photo - to_mnist(Image.fromarray(np.uint8(clean)))).abs().mean()) < 0.05
 
 
 def test_a_clean_blurred_digit_is_read_as_it_is(data_dir):
