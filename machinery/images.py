@@ -95,8 +95,8 @@ def to_mnist(image, name="the image"):
         pixels = F.avg_pool2d(torch.from_numpy(pixels)[None, None], box, 1, box // 2, count_include_pad=False)
         pixels = pixels[0, 0].numpy()
     pixels = pixels - light(pixels, paper, max(float(pixels.max()) - paper, paper - float(pixels.min()))) + paper
-    if paper - pixels.min() > pixels.max() - paper:  # the ink is darker than the paper, though it be dim: inverted,
-        pixels, paper = 1 - pixels, 1 - paper        # as MNIST's ink is light on black
+    if paper > 0.5 or paper - pixels.min() > pixels.max() - paper:  # light paper (a glare on it is no ink), or ink
+        pixels, paper = 1 - pixels, 1 - paper  # darker than the paper of a dim photo: inverted, as MNIST's is light
     ink = float(pixels.max())
     if ink - paper < MIN_CONTRAST:
         raise UserError(f"{name} is blank: nothing in it stands out from its background")
