@@ -48,10 +48,9 @@ def load_reader(path, device):
     print(f"Model: {name} from {runs.printable(path)}")
     if built_as(runs.file_in(path, runs.FINAL_MODEL))[2].get("DRY_RUN"):
         print("Note: a dry run's model (one batch an epoch): it reads digits little better than by chance")
-    if not knows:
-        final = os.path.join(os.path.dirname(path), runs.FINAL_MODEL)  # of a finished run's checkpoint.pt, the
-        other = os.path.isfile(path) and path != final and all(  # model.pt beside it answers with calibration
-            os.path.isfile(os.path.join(os.path.dirname(path), name)) for name in (runs.FINAL_MODEL, runs.CALIBRATION))
+    if not knows:  # of a finished run's checkpoint.pt, the model.pt beside it answers with the run's calibration
+        final, calibration = (os.path.join(os.path.dirname(path), f) for f in (runs.FINAL_MODEL, runs.CALIBRATION))
+        other = os.path.isfile(path) and path != final and os.path.isfile(final) and os.path.isfile(calibration)
         print(f"Note: {runs.printable(path)} has no calibration of a finished run" + (
               f" (--model {runs.printable(final)} answers with it)" if other else "") + ": \"not sure\" below "
               f"{100 * UNCALIBRATED['threshold']:.0f}% confidence, and no \"not a digit\"")

@@ -32,7 +32,7 @@ def compare(folders, out_dir):
     for folder in folders:
         if os.path.basename(folder) == runs.RECORD:  # RUN/run.json, as a shell completes it, names its run
             folder = os.path.dirname(os.path.abspath(folder))
-        name = os.path.basename(os.path.normpath(os.path.abspath(folder)))
+        name = os.path.basename(os.path.abspath(folder))  # of RUN/ and . too
         if named and not os.path.lexists(os.path.join(folder, runs.RECORD)):
             missing.append(f"{name}  no run here: {folder} has no {runs.RECORD}")
             continue
