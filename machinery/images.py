@@ -59,9 +59,9 @@ def grey(image):
 
 def light(pixels, paper, span):
     """The light on the paper where it falls unevenly (from one side, darker at the corners): a quadratic surface,
-    fitted to the pixels near the paper's level, then twice more to those near the last fit, so that the ink is left
-    out (light of up to 80 grey levels across the page has settled by the third fit, within 0.01); or the paper's
-    level, where the surface stays within span / 8 of it and a clean image is read as it is."""
+    fitted to the pixels near the paper's level, then again to those near the last fit until it settles, so that the
+    ink is left out (light of 160 grey levels across a page, burnt out to white at one side, within ten fits); or the
+    paper's level, where the surface stays within span / 8 of it and a clean image is read as it is."""
     height, width = pixels.shape
     y, x = (np.linspace(-0.5, 0.5, n, dtype=np.float32) for n in (height, width))
     y, x = y[:, None], x[None]
@@ -69,12 +69,14 @@ def light(pixels, paper, span):
     step = max(1, round((height * width / 10_000) ** 0.5))  # fitted on every step-th pixel: a smooth surface
     sampled = np.stack([t.ravel() for t in np.broadcast_arrays(*terms(y[::step], x[:, ::step]))], axis=1)
     values, fitted = pixels[::step, ::step].ravel(), paper
-    for _ in range(3):
+    for _ in range(10):  # until the fit moves by under 0.005, about a grey level
         near = np.abs(values - fitted) <= min(span / 4, PAPER)
         if near.sum() < sampled.shape[1]:
             return paper
         coefficients = np.linalg.lstsq(sampled[near], values[near], rcond=None)[0]
-        fitted = sampled @ coefficients
+        last, fitted = fitted, sampled @ coefficients
+        if np.abs(fitted - last).max() < 0.005:
+            break
     if np.abs(fitted - paper).max() <= span / 8:
         return paper
     return sum(c * t for c, t in zip(coefficients, terms(y, x))).astype(np.float32)
