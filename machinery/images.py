@@ -57,11 +57,12 @@ def grey(image):
     return np.asarray(image.convert("L"), dtype=np.float32) / 255
 
 
-def light(pixels, paper, span):
-    """The light on the paper where it falls unevenly (from one side, darker at the corners): a quadratic surface,
-    fitted to the pixels near the paper's level, then again to those near the last fit until it settles, so that the
-    ink is left out (light of 160 grey levels across a page, burnt out to white at one side, within ten fits); or the
-    paper's level, where the surface stays within span / 8 of it and a clean image is read as it is."""
+def levelled(pixels, paper, span):
+    """The pixels with the light that falls unevenly on the paper (from one side, darker at the corners) taken away,
+    the paper at its level: a quadratic surface, fitted to the pixels near the paper's level, then again to those
+    near the last fit until it settles, so that the ink is left out (light of 160 grey levels across a page, burnt
+    out to white at one side, within ten fits). The pixels themselves where the surface stays within span / 8 of
+    the paper: a clean image is read as it is."""
     height, width = pixels.shape
     y, x = (np.linspace(-0.5, 0.5, n, dtype=np.float32) for n in (height, width))
     y, x = y[:, None], x[None]
@@ -72,14 +73,14 @@ def light(pixels, paper, span):
     for _ in range(10):  # until the fit moves by under 0.005, about a grey level
         near = np.abs(values - fitted) <= min(span / 4, PAPER)
         if near.sum() < sampled.shape[1]:
-            return paper
+            return pixels
         coefficients = np.linalg.lstsq(sampled[near], values[near], rcond=None)[0]
         last, fitted = fitted, sampled @ coefficients
         if np.abs(fitted - last).max() < 0.005:
             break
     if np.abs(fitted - paper).max() <= span / 8:
-        return paper
-    return sum(c * t for c, t in zip(coefficients, terms(y, x))).astype(np.float32)
+        return pixels
+    return pixels - (sum(c * t for c, t in zip(coefficients, terms(y, x))) - paper).astype(np.float32)
 
 
 def to_mnist(image, name="the image"):
@@ -96,7 +97,7 @@ def to_mnist(image, name="the image"):
     if box > 1:  # the mean of box x box pixels: noise shrinks box-fold, and strokes wider than that stay
         pixels = F.avg_pool2d(torch.from_numpy(pixels)[None, None], box, 1, box // 2, count_include_pad=False)
         pixels = pixels[0, 0].numpy()
-    pixels = pixels - light(pixels, paper, max(float(pixels.max()) - paper, paper - float(pixels.min()))) + paper
+    pixels = levelled(pixels, paper, max(float(pixels.max()) - paper, paper - float(pixels.min())))
     if paper > 0.5 or paper - pixels.min() > pixels.max() - paper:  # light paper (a glare on it is no ink), or ink
         pixels, paper = 1 - pixels, 1 - paper  # darker than the paper of a dim photo: inverted, as MNIST's is light
     ink = float(pixels.max())
